@@ -1,0 +1,368 @@
+"""Load config.yaml into frozen dataclasses, validating every key at load time."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_VAR = "POSTBOX_CONFIG"
+BUNDLED_ALGORITHM = "body-lungs"
+OUTPUT_KINDS = ("rtstruct", "seg")
+
+
+def _check_type(key: str, value: Any, kind: Any) -> Any:
+    """Coerce ``value`` to ``kind`` where that is lossless, else raise ConfigError naming ``key``."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, not {type(value).__name__}")
+        return tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        name = kind.__name__ if isinstance(kind, type) else str(kind)
+        raise ConfigError(key, f"must be of type {name}, not {type(value).__name__} ({value!r})")
+    return value
+
+
+def _build(cls: Any, data: Any, prefix: str, *, also_known: tuple[str, ...] = (), **extra: Any) -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix, f"must be a mapping, not {type(data).__name__}")
+    known = {f.name: f for f in fields(cls) if f.metadata.get("key", True)}
+    values: dict[str, Any] = dict(extra)
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            raise ConfigError(full, f"unknown key (known: {', '.join(sorted([*known, *also_known]))})")
+        kind = known[key].metadata.get("type")
+        if kind is not None and value is not None:
+            value = _check_type(full, value, kind)
+        elif value is None and not known[key].metadata.get("nullable", False):
+            raise ConfigError(full, "must not be empty")
+        values[key] = value
+    return cls(**values)
+
+
+def _positive(key: str, value: float, *, zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero):
+        raise ConfigError(key, f"must be {'>= 0' if zero else '> 0'}, not {value}")
+
+
+def _t(kind: Any, *, nullable: bool = False) -> Any:
+    return {"type": kind, "nullable": nullable}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How jobs are picked up and run."""
+
+    processes: int = field(default=1, metadata=_t(int))
+    job_timeout: float = field(default=3600.0, metadata=_t(float))
+    max_attempts: int = field(default=3, metadata=_t(int))
+    settle_seconds: float = field(default=2.0, metadata=_t(float))
+    rescan_seconds: float = field(default=5.0, metadata=_t(float))
+    keep_warm: bool = field(default=True, metadata=_t(bool))
+    max_jobs_per_child: int = field(default=100, metadata=_t(int))
+
+    def __post_init__(self) -> None:
+        _positive("worker.processes", self.processes)
+        _positive("worker.job_timeout", self.job_timeout)
+        _positive("worker.max_attempts", self.max_attempts)
+        _positive("worker.settle_seconds", self.settle_seconds, zero=True)
+        _positive("worker.rescan_seconds", self.rescan_seconds)
+        _positive("worker.max_jobs_per_child", self.max_jobs_per_child)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Where the HTTP facade listens (served from the HTTP issue on)."""
+
+    host: str = field(default="127.0.0.1", metadata=_t(str))
+    port: int = field(default=8000, metadata=_t(int))
+    enabled: bool = field(default=True, metadata=_t(bool))
+    max_upload_mb: float = field(default=2048.0, metadata=_t(float))
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    """The DICOM node (served from the DICOM issue on)."""
+
+    ae_title: str = field(default="POSTBOX", metadata=_t(str))
+    port: int = field(default=7777, metadata=_t(int))
+    host: str = field(default="0.0.0.0", metadata=_t(str))
+    enabled: bool = field(default=False, metadata=_t(bool))
+    series_timeout: float = field(default=10.0, metadata=_t(float))
+    complete_on_release: bool = field(default=False, metadata=_t(bool))
+    incomplete: str = field(default="fail", metadata=_t(str))
+    allowed_ae_titles: tuple = field(default=(), metadata=_t(tuple))
+    allowed_hosts: tuple = field(default=(), metadata=_t(tuple))
+    routes: tuple = field(default=(), metadata=_t(tuple))
+    destinations: dict = field(default_factory=dict, metadata=_t(dict))
+
+    def __post_init__(self) -> None:
+        if self.incomplete not in ("fail", "run"):
+            raise ConfigError("dicom.incomplete", f"must be 'fail' or 'run', not {self.incomplete!r}")
+        if not 0 < self.port < 65536:
+            raise ConfigError("dicom.port", f"must be a TCP port, not {self.port}")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """One algorithm: a Python callable (``function``) or a command line (``command``).
+
+    ``module``/``attr``/``search_path`` say where the child process finds a Python callable;
+    ``registered`` marks one added by ``app.register`` rather than named in config.yaml.
+    """
+
+    name: str = field(metadata=_t(str))
+    default_settings: dict = field(default_factory=dict, metadata=_t(dict))
+    function: str | None = field(default=None, metadata=_t(str, nullable=True))
+    command: tuple | None = field(default=None, metadata=_t(tuple, nullable=True))
+    max_parallel: int = field(default=0, metadata=_t(int))
+    timeout: float | None = field(default=None, metadata=_t(float, nullable=True))
+    outputs: tuple = field(default=("rtstruct",), metadata=_t(tuple))
+    structures: dict = field(default_factory=dict, metadata=_t(dict))
+    min_dice: float = field(default=0.95, metadata=_t(float))
+    search_path: str = field(default="", metadata={"key": False})
+
+    def __post_init__(self) -> None:
+        key = f"algorithms[{self.name}]"
+        if not self.name.strip():
+            raise ConfigError("algorithms[].name", "must not be empty")
+        if (self.function is None) == (self.command is None):
+            raise ConfigError(key, "needs exactly one of 'function' (module:callable) or 'command' (argv list)")
+        if self.function is not None and (":" not in self.function or self.function.count(":") != 1):
+            raise ConfigError(f"{key}.function", f"must look like 'module:callable', not {self.function!r}")
+        if self.command is not None:
+            if not self.command or not all(isinstance(a, str) for a in self.command):
+                raise ConfigError(f"{key}.command", "must be a non-empty list of strings")
+        _positive(f"{key}.max_parallel", self.max_parallel, zero=True)
+        if self.timeout is not None:
+            _positive(f"{key}.timeout", self.timeout)
+        for kind in self.outputs:
+            if kind not in OUTPUT_KINDS:
+                raise ConfigError(f"{key}.outputs", f"unknown output {kind!r} (known: {', '.join(OUTPUT_KINDS)})")
+        for sname, spec in self.structures.items():
+            if not isinstance(spec, Mapping) or set(spec) - {"name", "color", "type"}:
+                raise ConfigError(f"{key}.structures.{sname}", "must be a mapping of name, color, type")
+
+    @property
+    def module(self) -> str:
+        return self.function.split(":")[0] if self.function else ""
+
+    @property
+    def attr(self) -> str:
+        return self.function.split(":")[1] if self.function else ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration; every path is absolute."""
+
+    base_dir: Path = field(metadata={"key": False})
+    source: Path | None = field(default=None, metadata={"key": False})
+    inbox: Path = field(default=Path("inbox"), metadata=_t(str))
+    outbox: Path = field(default=Path("outbox"), metadata=_t(str))
+    database: Path = field(default=Path("postbox.db.json"), metadata=_t(str))
+    log_level: str = field(default="INFO", metadata=_t(str))
+    default_algorithm: str = field(default=BUNDLED_ALGORITHM, metadata=_t(str))
+    worker: WorkerConfig = field(default_factory=WorkerConfig, metadata=_t(dict))
+    http: HttpConfig = field(default_factory=HttpConfig, metadata=_t(dict))
+    dicom: DicomConfig = field(default_factory=DicomConfig, metadata=_t(dict))
+    algorithms: tuple[AlgorithmConfig, ...] = field(default=(), metadata=_t(tuple))
+
+    def algorithm(self, name: str) -> AlgorithmConfig | None:
+        """The algorithm called ``name``, or None."""
+        for alg in self.algorithms:
+            if alg.name == name:
+                return alg
+        return None
+
+    @property
+    def staging(self) -> Path:
+        return self.inbox / ".staging"
+
+    @property
+    def locks(self) -> Path:
+        return self.inbox / ".locks"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str] | None = None, *, check_folders: bool = True) -> Config:
+        """Load ``path``, else ``$POSTBOX_CONFIG``, else ``./config.yaml``, else the embedded defaults.
+
+        Raises
+        ------
+        ConfigError
+            Naming the key and the problem.
+        """
+        if path is None:
+            path = os.environ.get(ENV_VAR) or None
+            if path is None and Path("config.yaml").is_file():
+                path = "config.yaml"
+        if path is None:
+            return cls.from_dict({}, base_dir=Path.cwd(), check_folders=check_folders)
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), f"is not valid YAML: {exc}") from None
+        return cls.from_dict(data or {}, base_dir=path.parent, source=path, check_folders=check_folders)
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        base_dir: Path,
+        source: Path | None = None,
+        check_folders: bool = True,
+        registered: tuple[AlgorithmConfig, ...] = (),
+    ) -> Config:
+        """Validate a config mapping; relative paths resolve against ``base_dir``."""
+        if not isinstance(data, Mapping):
+            raise ConfigError("(top level)", "must be a mapping of keys")
+        data = dict(data)
+        base_dir = base_dir.resolve()
+        sections = {
+            "worker": (WorkerConfig, data.pop("worker", None)),
+            "http": (HttpConfig, data.pop("http", None)),
+            "dicom": (DicomConfig, data.pop("dicom", None)),
+        }
+        raw_algorithms = data.pop("algorithms", None)
+        top = _build(_Top, data, "", also_known=("algorithms", *sections))
+        built = {name: _build(kind, raw, name) for name, (kind, raw) in sections.items()}
+        algorithms = list(registered) + _load_algorithms(raw_algorithms, base_dir)
+        names = [a.name for a in algorithms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError("algorithms", f"duplicate name(s): {', '.join(dupes)}")
+        default = top.default_algorithm or (names[0] if names else BUNDLED_ALGORITHM)
+        if default not in names:
+            raise ConfigError("default_algorithm", f"'{default}' is not a configured algorithm ({', '.join(names)})")
+        if top.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {top.log_level!r}")
+        cfg = cls(
+            base_dir=base_dir,
+            source=source,
+            inbox=(base_dir / top.inbox).resolve(),
+            outbox=(base_dir / top.outbox).resolve(),
+            database=(base_dir / top.database).resolve(),
+            log_level=top.log_level.upper(),
+            default_algorithm=default,
+            algorithms=tuple(algorithms),
+            **built,
+        )
+        if check_folders:
+            cfg.check_folders()
+        return cfg
+
+    def check_folders(self) -> None:
+        """Create the runtime folders if missing and make sure they are writable."""
+        for key in ("inbox", "outbox"):
+            _writable_dir(key, getattr(self, key))
+        _writable_dir("database", self.database.parent)
+        if self.inbox.stat().st_dev != self.outbox.stat().st_dev:
+            # design.md: a finished job moves by one atomic rename, which needs one filesystem.
+            raise ConfigError("outbox", f"must be on the same filesystem as the inbox ({self.inbox})")
+
+
+@dataclass(frozen=True)
+class _Top:
+    inbox: str = field(default="inbox", metadata=_t(str))
+    outbox: str = field(default="outbox", metadata=_t(str))
+    database: str = field(default="postbox.db.json", metadata=_t(str))
+    log_level: str = field(default="INFO", metadata=_t(str))
+    default_algorithm: str = field(default="", metadata=_t(str))
+
+
+def _writable_dir(key: str, path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot create folder {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"folder {path} is not writable")
+
+
+def bundled_algorithm() -> AlgorithmConfig:
+    """The CT body and lung segmentation that ships with Postbox."""
+    from .bodylungs import DEFAULT_SETTINGS
+
+    return AlgorithmConfig(
+        name=BUNDLED_ALGORITHM,
+        function="pipeline.bodylungs:segment",
+        default_settings=dict(DEFAULT_SETTINGS),
+        outputs=("rtstruct", "seg"),
+    )
+
+
+def _load_algorithms(raw: Any, base_dir: Path) -> list[AlgorithmConfig]:
+    if raw is None:
+        return [bundled_algorithm()]
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError("algorithms", f"must be a list, not {type(raw).__name__}")
+    result = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str):
+            raise ConfigError(f"algorithms[{i}]", "must be a mapping with a 'name'")
+        alg = _build(AlgorithmConfig, entry, f"algorithms[{entry['name']}]", search_path=str(base_dir))
+        if alg.function is not None:
+            _check_callable(alg, base_dir)
+        result.append(alg)
+    return result
+
+
+def _check_callable(alg: AlgorithmConfig, base_dir: Path) -> None:
+    """Check that ``module:callable`` exists without importing it.
+
+    Importing would load the model into the service process; the child process loads it instead.
+    """
+    key = f"algorithms[{alg.name}].function"
+    sys.path.insert(0, str(base_dir))
+    try:
+        spec = importlib.util.find_spec(alg.module)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(key, f"module '{alg.module}' cannot be found: {exc}") from None
+    finally:
+        sys.path.remove(str(base_dir))
+    if spec is None:
+        raise ConfigError(key, f"module '{alg.module}' not found (looked in {base_dir} and the installed packages)")
+    origin = spec.origin
+    if not origin or not origin.endswith(".py"):
+        return  # compiled or namespace module: checked when the child imports it
+    try:
+        tree = ast.parse(Path(origin).read_text(encoding="utf-8"), origin)
+    except (OSError, SyntaxError) as exc:
+        raise ConfigError(key, f"module '{alg.module}' cannot be read: {exc}") from None
+    if alg.attr not in _top_level_names(tree):
+        raise ConfigError(key, f"module '{alg.module}' ({origin}) has no callable '{alg.attr}'")
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.AnnAssign,)) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.If, ast.Try)):
+            names |= _top_level_names(ast.Module(body=list(ast.iter_child_nodes(node)), type_ignores=[]))  # type: ignore[arg-type]
+    return names
