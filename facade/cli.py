@@ -1,0 +1,175 @@
+"""The ``postbox`` command: manage (initdb, key, run), submit, status, phantom."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import jobs
+from pipeline.config import Config
+from pipeline.errors import PostboxError
+from pipeline.index import Index
+from pipeline.logs import configure_logging
+
+log = logging.getLogger("postbox")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postbox", description="Run a medical image analysis tool as a service.")
+    p.add_argument("--config", metavar="PATH",
+                   help="config.yaml to use (default: $POSTBOX_CONFIG, then ./config.yaml, then built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    manage = sub.add_parser("manage", help="set up and run the service")
+    msub = manage.add_subparsers(dest="manage", required=True, metavar="ACTION")
+    msub.add_parser("initdb", help="create the index and rebuild it from the job folders")
+    key = msub.add_parser("key", help="add, list or remove API keys (stored hashed)")
+    group = key.add_mutually_exclusive_group(required=True)
+    group.add_argument("--add", metavar="NAME", help="create a key and print it (shown only once)")
+    group.add_argument("--list", action="store_true", help="list key names, creation times and prefixes")
+    group.add_argument("--remove", metavar="NAME", help="delete a key")
+    msub.add_parser("run", help="start the worker and every configured door; stop with Ctrl-C or SIGTERM")
+
+    submit = sub.add_parser("submit", help="submit a file or folder as one job (atomic); prints the job id")
+    submit.add_argument("path", nargs="+", type=Path, help="input files or folders")
+    submit.add_argument("--algorithm", help="algorithm name (default: default_algorithm)")
+    submit.add_argument("--settings", help="settings as a JSON object; keys must be the algorithm's")
+
+    status = sub.add_parser("status", help="list jobs, or show one job's manifest")
+    status.add_argument("job", nargs="?", help="a job id")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    phantom = sub.add_parser("phantom", help="write a synthetic CT phantom (no data of your own needed)")
+    phantom.add_argument("out", type=Path, help="output folder (dicom) or file/folder (nifti)")
+    phantom.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
+    phantom.add_argument("--slices", type=int, default=40)
+    phantom.add_argument("--size", type=int, default=128, help="rows and columns")
+    phantom.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``postbox``; returns the exit code (2 for refused input or config)."""
+    args = _parser().parse_args(argv)
+    configure_logging("INFO")
+    try:
+        return _COMMANDS[args.command](args)
+    except PostboxError as exc:
+        print(f"postbox: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config(args: argparse.Namespace) -> Config:
+    from pipeline.service import load_config
+
+    cfg = load_config(args.config)
+    configure_logging(cfg.log_level)
+    return cfg
+
+
+def _manage(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    index = Index(cfg.database)
+    if args.manage == "initdb":
+        changed = index.repair(cfg.inbox, cfg.outbox)
+        print(f"index ready at {cfg.database} ({changed} job entries updated from the folders)")
+    elif args.manage == "key":
+        if args.add:
+            try:
+                key = index.add_key(args.add)
+            except ValueError as exc:
+                print(f"postbox: error: {exc}", file=sys.stderr)
+                return 2
+            print(key)
+        elif args.list:
+            for k in index.list_keys():
+                print(f"{k['name']}\t{k['created']}\t{k['prefix']}...")
+        elif not index.remove_key(args.remove):
+            print(f"postbox: error: no key named '{args.remove}'", file=sys.stderr)
+            return 2
+    elif args.manage == "run":
+        from pipeline.service import app
+
+        app.serve(cfg)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.algorithms import merge_settings, resolve
+
+    cfg = _config(args)
+    settings: dict[str, Any] = {}
+    if args.settings:
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as exc:
+            print(f"postbox: error: --settings is not JSON: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(settings, dict):
+            print("postbox: error: --settings must be a JSON object", file=sys.stderr)
+            return 2
+    alg = resolve(cfg, args.algorithm)  # refuse at the door, not later in the worker
+    merge_settings(alg, settings)
+    for path in args.path:
+        if not path.exists():
+            print(f"postbox: error: no such file or folder: {path}", file=sys.stderr)
+            return 2
+    manifest = jobs.submit(cfg.inbox, args.path, algorithm=alg.name, settings=settings, source="cli")
+    Index(cfg.database).record_job(manifest, "inbox")
+    print(manifest.id)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    index = Index(cfg.database)
+    if args.job:
+        job_dir = jobs.locate(cfg.inbox, cfg.outbox, args.job)
+        if job_dir is None:
+            print(f"postbox: error: no job {args.job}", file=sys.stderr)
+            return 2
+        manifest = jobs.read_manifest(job_dir)
+        data = manifest.to_dict()
+        data["folder"] = str(job_dir)
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            import yaml
+
+            print(yaml.safe_dump(data, sort_keys=False).rstrip())
+        return 0
+    records = index.jobs()
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    print(f"{'JOB':<25} {'STATUS':<8} {'ALGORITHM':<20} {'SOURCE':<7} {'TRIES':>5}  CREATED")
+    for r in records:
+        print(f"{r['id']:<25} {r['status']:<8} {str(r['algorithm'] or '-')[:20]:<20} {r['source']:<7} "
+              f"{r['attempts']:>5}  {r['created']}")
+    return 0
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from pipeline import phantom
+
+    if args.format == "nifti":
+        path = phantom.write_nifti(args.out, slices=args.slices, size=args.size, seed=args.seed)
+        print(path)
+    else:
+        grid = phantom.axial_grid(slices=args.slices, size=args.size)
+        files = phantom.write_dicom(args.out, grid, seed=args.seed)
+        print(f"{args.out} ({len(files)} slices)")
+    return 0
+
+
+_COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "phantom": _phantom}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The PlatiPy-compatible ``app`` object: ``@app.register(...)`` and ``app.run(...)`` in a service.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import algorithms
+from .config import Config
+from .index import Index
+from .logs import configure_logging
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """config.yaml (``--config``, ``$POSTBOX_CONFIG``, ``./config.yaml``) plus the registered algorithms."""
+    import yaml
+
+    from .config import ENV_VAR
+
+    registered = algorithms.registered()
+    if path is None:
+        path = os.environ.get(ENV_VAR) or ("config.yaml" if Path("config.yaml").is_file() else None)
+    if path is None:
+        data: dict[str, Any] = {}
+        base, source = Path.cwd(), None
+    else:
+        source = Path(path).resolve()
+        cfg = Config.from_file(source, check_folders=False)  # validates the file on its own first
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        base = cfg.base_dir
+    if registered:
+        # A PlatiPy-style service.py serves what it registers; config.yaml may add more.
+        data.setdefault("algorithms", [])
+        data.setdefault("default_algorithm", registered[0].name)
+    cfg = Config.from_dict(data, base_dir=base, source=source, registered=registered, check_folders=False)
+    for section, values in overrides.items():
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
+    cfg.check_folders()
+    return cfg
+
+
+class Service:
+    """Runs the doors and the worker of one Postbox until SIGINT or SIGTERM."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+
+    def register(self, name: str, default_settings: Mapping[str, Any] | None = None,
+                 **options: Any) -> Callable[[F], F]:
+        """PlatiPy's ``@app.register(name, default_settings=...)``."""
+        return algorithms.register(name, default_settings, **options)
+
+    def run(self, host: str | None = None, port: int | None = None, dicom_listener_port: int | None = None,
+            dicom_listener_aetitle: str | None = None, debug: bool = False,
+            config: str | os.PathLike[str] | None = None) -> None:
+        """Start everything configured and block until SIGINT/SIGTERM (PlatiPy's ``app.run``)."""
+        http: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        dicom: dict[str, Any] = {}
+        if dicom_listener_port is not None:
+            dicom.update(port=dicom_listener_port, enabled=True)
+        if dicom_listener_aetitle is not None:
+            dicom["ae_title"] = dicom_listener_aetitle
+        cfg = load_config(config, http=http, dicom=dicom)
+        configure_logging("DEBUG" if debug else cfg.log_level)
+        self.serve(cfg)
+
+    def serve(self, cfg: Config) -> None:
+        """Run the worker (and, as they arrive, the other doors) on ``cfg`` until stopped."""
+        worker = Worker(cfg, Index(cfg.database))
+        self._stop.clear()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("service: %s received, stopping", signal.Signals(signum).name)
+            self.stop()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, on_signal)
+            signal.signal(signal.SIGTERM, on_signal)
+        thread = threading.Thread(target=worker.run, name="worker")
+        thread.start()
+        try:
+            while not self._stop.wait(0.5):
+                if not thread.is_alive():
+                    break
+        finally:
+            worker.stop()
+            thread.join()
+        log.info("service: stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+app = Service()
