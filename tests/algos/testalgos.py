@@ -1,0 +1,58 @@
+"""Algorithms for the tests: each leaves evidence on disk of what it did."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from pipeline import DataObject
+
+EVIDENCE = Path(os.environ.get("POSTBOX_TEST_EVIDENCE", "/tmp"))
+LOADED_AT = time.time()
+# One line per import: proves whether a warm child loaded the module once.
+with open(EVIDENCE / "imports.log", "a") as fh:
+    fh.write(f"{os.getpid()}\n")
+
+
+def _record(name: str, data_objects, working_dir) -> None:
+    with open(EVIDENCE / "runs.log", "a") as fh:
+        fh.write(json.dumps({"alg": name, "pid": os.getpid(), "job": Path(working_dir).parent.name,
+                             "start": time.time(), "inputs": [d.path for d in data_objects]}) + "\n")
+
+
+def noop(data_objects, working_dir, settings):
+    _record("noop", data_objects, working_dir)
+    out = Path(working_dir) / "result.txt"
+    out.write_text(json.dumps({"settings": settings, "inputs": [d.path for d in data_objects]}))
+    print("noop ran")
+    return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
+
+
+def slow(data_objects, working_dir, settings):
+    _record("slow", data_objects, working_dir)
+    deadline = time.time() + settings.get("seconds", 30)
+    marker = Path(working_dir) / "partial-output.txt"
+    marker.write_text("half done")
+    while time.time() < deadline:
+        time.sleep(0.05)
+    with open(EVIDENCE / "ends.log", "a") as fh:
+        fh.write(f"{Path(working_dir).parent.name} {time.time()}\n")
+    return [DataObject(type="FILE", path=str(marker), parent=data_objects[0])]
+
+
+def raises(data_objects, working_dir, settings):
+    print("about to fail")
+    raise ValueError("the model found no CT in the input")
+
+
+def suicide(data_objects, working_dir, settings):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def bad_output(data_objects, working_dir, settings):
+    return [DataObject(type="FILE", path=str(Path(working_dir) / "missing.nii.gz"))]
+
+
+def returns_junk(data_objects, working_dir, settings):
+    return "not a list"

@@ -1,0 +1,146 @@
+"""Shared fixtures: a Postbox in a temp folder, run as a real process; polls with deadlines, no sleeps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ALGOS = HERE / "algos" / "testalgos.py"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        threading.Event().wait(interval)  # a poll interval, not synchronisation
+
+
+def read_job(job_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((job_dir / "job.yaml").read_text())
+
+
+def outbox_jobs(outbox: Path) -> list[Path]:
+    return sorted(p for p in outbox.iterdir() if (p / "job.yaml").is_file())
+
+
+class Site:
+    """A Postbox installation in a temp folder: config.yaml, the test algorithms, inbox, outbox."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.evidence = root / "evidence"
+        self.evidence.mkdir()
+        self.config_path = root / "config.yaml"
+        shutil.copy(ALGOS, root / "testalgos.py")
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.config: dict[str, Any] = {
+            "worker": {"settle_seconds": 0.3, "rescan_seconds": 1, "job_timeout": 60},
+            "default_algorithm": "noop",
+            "algorithms": [
+                {"name": "noop", "function": "testalgos:noop", "default_settings": {"label": "x", "n": 1}},
+                {"name": "slow", "function": "testalgos:slow", "default_settings": {"seconds": 30}},
+                {"name": "raises", "function": "testalgos:raises"},
+                {"name": "suicide", "function": "testalgos:suicide"},
+                {"name": "bad-output", "function": "testalgos:bad_output"},
+                {"name": "junk", "function": "testalgos:returns_junk"},
+            ],
+        }
+        self.write_config()
+
+    def write_config(self, **changes: Any) -> Path:
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(self.config.get(key), dict):
+                self.config[key] = {**self.config[key], **value}
+            else:
+                self.config[key] = value
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        return self.config_path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, POSTBOX_TEST_EVIDENCE=str(self.evidence))
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "facade.cli", "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"postbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start ``postbox manage run`` and wait until its worker watches the inbox."""
+        log = open(self.root / f"service-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "facade.cli", "--config", str(self.config_path),
+                                 "manage", "run"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(proc)
+        path = Path(log.name)
+        wait_for(lambda: b"worker: watching" in path.read_bytes() or proc.poll() is not None, 30,
+                 what="the worker to start")
+        assert proc.poll() is None, path.read_text()
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(timeout=30)
+
+    def service_log(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(self.root.glob("service-*.log")))
+
+    def done(self, n: int, timeout: float = 30) -> list[Path]:
+        """Wait until ``n`` jobs are in the outbox; return them."""
+        return wait_for(lambda: (lambda js: js if len(js) >= n else None)(outbox_jobs(self.outbox)), timeout,
+                        what=f"{n} job(s) in the outbox")
+
+    def runs(self) -> list[dict[str, Any]]:
+        import json
+
+        path = self.evidence / "runs.log"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    yield s
+    for proc in s.procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves threads behind (watchdog's conftest does the same)."""
+    before = set(threading.enumerate())
+    yield
+    leaked = wait_for_quiet(before)
+    assert not leaked, f"threads leaked: {leaked}"
+
+
+def wait_for_quiet(before: set[threading.Thread]) -> list[str]:
+    deadline = time.monotonic() + 5
+    while True:
+        leaked = [t.name for t in threading.enumerate() if t not in before and t.is_alive() and not t.daemon]
+        if not leaked or time.monotonic() > deadline:
+            return leaked
+        threading.Event().wait(0.02)
