@@ -49,6 +49,8 @@ class Site:
         self.outbox = root / "outbox"
         self.evidence = root / "evidence"
         self.evidence.mkdir()
+        self.inbox.mkdir()
+        self.outbox.mkdir()
         self.config_path = root / "config.yaml"
         shutil.copy(ALGOS, root / "testalgos.py")
         self.procs: list[subprocess.Popen[bytes]] = []

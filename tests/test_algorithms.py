@@ -1,0 +1,156 @@
+"""Both algorithm forms: a PlatiPy service.py moved over by its imports alone, and a command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import Site, read_job, wait_for
+
+from pipeline import DataObject, phantom
+from pipeline.algorithms import merge_settings
+from pipeline.config import AlgorithmConfig
+from pipeline.errors import InvalidInput
+
+# The seed's template, byte for byte but for its import lines (platipy.framework -> pipeline, no celery).
+SERVICE_PY = '''
+import os
+
+import SimpleITK as sitk
+
+from pipeline import app, DataObject
+
+
+def my_segmentation_function(img):
+    return sitk.BinaryThreshold(img, lowerThreshold=-300, upperThreshold=5000)
+
+
+@app.register("My Segmentation Tool", default_settings={"outputContourName": "auto_contour_x"})
+def my_segmentation_tool(data_objects, working_dir, settings):
+    output_objects = []
+    for d in data_objects:
+        load_path = d.path
+        if d.type == "DICOM":
+            load_path = sitk.ImageSeriesReader().GetGDCMSeriesFileNames(d.path)
+        img = sitk.ReadImage(load_path)
+        mask = my_segmentation_function(img)
+        mask_file = os.path.join(working_dir, "{0}.nii.gz".format(settings["outputContourName"]))
+        sitk.WriteImage(mask, mask_file)
+        output_objects.append(DataObject(type="FILE", path=mask_file, parent=d))
+    return output_objects
+
+
+if __name__ == "__main__":
+    app.run(debug=True, host="127.0.0.1", port=PORT, dicom_listener_port=DPORT,
+            dicom_listener_aetitle="SAMPLE_SERVICE")
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_seed_template_runs_with_only_its_imports_changed(tmp_path: Path) -> None:
+    (tmp_path / "service.py").write_text(SERVICE_PY.replace("PORT", str(free_port()), 1)
+                                         .replace("DPORT", str(free_port())))
+    log = open(tmp_path / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "service.py"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: b"worker: watching" in (tmp_path / "service.log").read_bytes() or proc.poll() is not None,
+                 30)
+        assert proc.poll() is None, (tmp_path / "service.log").read_text()
+        grid = phantom.axial_grid(slices=10, size=48)
+        phantom.write_dicom(tmp_path / "staged" / "ct", grid)
+        shutil.move(tmp_path / "staged" / "ct", tmp_path / "inbox" / "ct")
+        outbox = tmp_path / "outbox"
+        job_dir = wait_for(lambda: next((p for p in outbox.iterdir() if (p / "job.yaml").exists()), None), 60)
+        job = read_job(job_dir)
+        assert job["status"] == "done", (job_dir / "job.log").read_text()
+        assert job["algorithm"] == "My Segmentation Tool"
+        mask = sitk.ReadImage(str(job_dir / "output" / "auto_contour_x.nii.gz"))
+        _, truth = phantom.sample(grid)
+        got = sitk.GetArrayFromImage(mask) > 0
+        assert got.shape == truth["body"].shape
+        # Body by threshold: the same voxels as the phantom's body outside its lungs, give or take noise.
+        body = truth["body"] & ~truth["lung_left"] & ~truth["lung_right"]
+        assert 2 * (got & body).sum() / (got.sum() + body.sum()) > 0.9
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        log.close()
+
+
+COMMAND_TOOL = textwrap.dedent('''
+    import json, pathlib, sys, time
+    inp, out, settings = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), json.load(open(sys.argv[3]))
+    print("tool sees", sorted(p.name for p in inp.rglob("*") if p.is_file()))
+    if settings["mode"] == "hang":
+        time.sleep(60)
+    if settings["mode"] == "fail":
+        sys.exit(3)
+    (out / "mask.txt").write_text(settings["mode"] + ":" + ",".join(p.name for p in inp.rglob("*") if p.is_file()))
+''')
+
+
+def test_command_form_runs_an_external_program(site: Site, tmp_path: Path) -> None:
+    (site.root / "tool.py").write_text(COMMAND_TOOL)
+    site.config["algorithms"].append({"name": "tool", "default_settings": {"mode": "ok"},
+                                      "command": [sys.executable, str(site.root / "tool.py"), "{input}",
+                                                  "{output}", "{settings}"]})
+    site.write_config(worker={"job_timeout": 2})
+    payload = tmp_path / "scan.txt"
+    payload.write_text("x")
+    ok = site.cli("submit", str(payload), "--algorithm", "tool").stdout.strip()
+    fail = site.cli("submit", str(payload), "--algorithm", "tool", "--settings", '{"mode": "fail"}').stdout.strip()
+    hang = site.cli("submit", str(payload), "--algorithm", "tool", "--settings", '{"mode": "hang"}').stdout.strip()
+    site.start()
+    site.done(3, timeout=60)
+    assert (site.outbox / ok / "output" / "mask.txt").read_text() == "ok:scan.txt"
+    assert read_job(site.outbox / ok)["outputs"][0]["type"] == "FILE"
+    assert "tool sees ['scan.txt']" in (site.outbox / ok / "job.log").read_text()
+    assert "failed (exit code 3)" in read_job(site.outbox / fail)["error"]
+    assert "timed out after 2 s" in read_job(site.outbox / hang)["error"]
+
+
+def test_settings_must_fit_the_defaults() -> None:
+    alg = AlgorithmConfig(name="a", command=("x",), default_settings={"t": -300.0, "name": "body", "on": True})
+    assert merge_settings(alg, {"t": -250}) == {"t": -250, "name": "body", "on": True}
+    with pytest.raises(InvalidInput, match="setting 'x' is not a setting of algorithm 'a'"):
+        merge_settings(alg, {"x": 1})
+    with pytest.raises(InvalidInput, match="must be bool, not int"):
+        merge_settings(alg, {"on": 1})
+    with pytest.raises(InvalidInput, match="must be str, not float"):
+        merge_settings(alg, {"name": 1.0})
+
+
+def test_dataobject_validates_on_construction() -> None:
+    assert DataObject(type="dicom", path=Path("/x")).type == "DICOM"
+    with pytest.raises(ValueError, match="must be one of"):
+        DataObject(type="PNG", path="/x")
+    with pytest.raises(TypeError, match="parent must be a DataObject"):
+        DataObject(type="FILE", path="/x", parent="p")  # type: ignore[arg-type]
+
+
+def test_bundled_algorithm_settings_change_names(site: Site, tmp_path: Path) -> None:
+    site.config["algorithms"].append({"name": "body-lungs", "function": "pipeline.bodylungs:segment",
+                                      "outputs": [], "default_settings": {"body_name": "body"}})
+    site.write_config()
+    ct = phantom.write_nifti(tmp_path / "ct.nii.gz", slices=12, size=48)
+    job_id = site.cli("submit", str(ct), "--algorithm", "body-lungs", "--settings",
+                      json.dumps({"body_name": "External"})).stdout.strip()
+    site.start()
+    site.done(1, timeout=60)
+    assert (site.outbox / job_id / "output" / "External.nii.gz").exists()
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(site.outbox / job_id / "output" / "External.nii.gz")))
+    assert np.unique(arr).tolist() == [0, 1]

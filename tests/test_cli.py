@@ -1,0 +1,96 @@
+"""The postbox command line: keys, submit, status, phantom, --help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import Site
+
+from pipeline import phantom
+
+
+def test_keys_are_shown_once_and_stored_hashed(site: Site) -> None:
+    key = site.cli("manage", "key", "--add", "planning").stdout.strip()
+    assert key.startswith("pbx_") and len(key) > 30
+    listing = site.cli("manage", "key", "--list").stdout
+    assert "planning" in listing and key[:8] in listing and key not in listing
+    stored = "".join(p.read_text() for p in site.root.glob("postbox.db.json*") if p.is_file())
+    assert key not in stored
+    again = site.cli("manage", "key", "--add", "planning", check=False)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    site.cli("manage", "key", "--remove", "planning")
+    assert "planning" not in site.cli("manage", "key", "--list").stdout
+    assert site.cli("manage", "key", "--remove", "planning", check=False).returncode == 2
+
+
+def test_submit_refuses_at_the_door_and_leaves_nothing(site: Site, tmp_path: Path) -> None:
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    cases = [
+        (["--algorithm", "nope"], "unknown algorithm 'nope'"),
+        (["--settings", "{not json"], "--settings is not JSON"),
+        (["--settings", '{"colour": 1}'], "setting 'colour' is not a setting of algorithm 'noop'"),
+        (["--settings", '{"n": "one"}'], "must be int, not str"),
+    ]
+    for args, message in cases:
+        proc = site.cli("submit", str(payload), *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    missing = site.cli("submit", str(tmp_path / "missing"), check=False)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert [p.name for p in site.inbox.iterdir() if p.name != ".staging"] == []
+    staging = site.inbox / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_submit_then_status(site: Site, tmp_path: Path) -> None:
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    job_id = site.cli("submit", str(payload), "--settings", '{"n": 2}').stdout.strip()
+    table = site.cli("status").stdout
+    assert job_id in table and "pending" in table
+    one = json.loads(site.cli("status", job_id, "--json").stdout)
+    assert one["settings"] == {"n": 2} and one["status"] == "pending" and one["folder"].endswith(job_id)
+    site.start()
+    site.done(1)
+    assert json.loads(site.cli("status", "--json").stdout)[0]["status"] == "done"
+    assert site.cli("status", "20990101T000000-00000000", check=False).returncode == 2
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_phantom_command(site: Site, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / f"ph-{fmt}"
+    site.cli("phantom", str(out), "--format", fmt, "--slices", "8", "--size", "32")
+    if fmt == "dicom":
+        assert len(list(out.glob("*.dcm"))) == 8
+    else:
+        import SimpleITK as sitk
+
+        assert sitk.ReadImage(str(next(out.rglob("*.nii.gz")) if out.is_dir() else out)).GetSize() == (32, 32, 8)
+
+
+@pytest.mark.parametrize("args", [[], ["manage"], ["manage", "key"], ["manage", "run"], ["submit"], ["status"],
+                                  ["phantom"]])
+def test_help_on_each_command(site: Site, args: list[str]) -> None:
+    proc = site.cli(*args, "--help")
+    assert "usage: postbox" in proc.stdout
+
+
+def test_readme_quick_start_phantom_lands_in_outbox(site: Site, tmp_path: Path) -> None:
+    grid = phantom.axial_grid(slices=8, size=32)
+    phantom.write_dicom(tmp_path / "ct", grid)
+    job_id = site.cli("submit", str(tmp_path / "ct")).stdout.strip()
+    site.start()
+    site.done(1)
+    assert (site.outbox / job_id / "output" / "result.txt").exists()
+
+
+def test_submit_with_a_broken_dicom_file_is_refused_and_leaves_nothing(site: Site, tmp_path: Path) -> None:
+    folder = tmp_path / "series"
+    phantom.write_dicom(folder, phantom.axial_grid(slices=3, size=16))
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    proc = site.cli("submit", str(folder), check=False)
+    assert proc.returncode == 2 and "broken.dcm" in proc.stderr and "does not parse" in proc.stderr
+    assert [p.name for p in site.inbox.iterdir() if p.name != ".staging"] == []
+    assert not any((site.inbox / ".staging").iterdir())

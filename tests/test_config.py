@@ -1,0 +1,93 @@
+"""config.yaml: found in order, validated at start; a bad key stops the program with exit 2 naming it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Site
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+
+
+@pytest.mark.parametrize(("change", "key", "problem"), [
+    ({"inbx": "x"}, "inbx", "unknown key"),
+    ({"worker": {"processes": "two"}}, "worker.processes", "must be of type int"),
+    ({"worker": {"procs": 2}}, "worker.procs", "unknown key"),
+    ({"worker": {"job_timeout": -1}}, "worker.job_timeout", "must be > 0"),
+    ({"worker": {"keep_warm": "yes"}}, "worker.keep_warm", "must be of type bool"),
+    ({"default_algorithm": "nope"}, "default_algorithm", "'nope' is not a configured algorithm"),
+    ({"algorithms": [{"name": "x", "function": "no_such_module:run"}]}, "algorithms[x].function",
+     "module 'no_such_module' not found"),
+    ({"algorithms": [{"name": "x", "function": "testalgos:no_such_function"}]}, "algorithms[x].function",
+     "has no callable 'no_such_function'"),
+    ({"algorithms": [{"name": "x", "function": "testalgos"}]}, "algorithms[x].function", "module:callable"),
+    ({"algorithms": [{"name": "x", "function": "testalgos:noop", "command": ["echo"]}]}, "algorithms[x]",
+     "exactly one of"),
+    ({"algorithms": [{"name": "x", "command": ["echo"], "colour": 1}]}, "algorithms[x].colour", "unknown key"),
+    ({"algorithms": [{"name": "x", "command": ["echo"], "outputs": ["png"]}]}, "algorithms[x].outputs",
+     "unknown output 'png'"),
+    ({"dicom": {"incomplete": "maybe"}}, "dicom.incomplete", "must be 'fail' or 'run'"),
+    ({"http": {"port": "80"}}, "http.port", "must be of type int"),
+    ({"inbox": "blocker/inbox"}, "inbox", "cannot create folder"),
+])
+def test_invalid_config_exits_2_naming_the_key(site: Site, change: dict, key: str, problem: str) -> None:
+    (site.root / "blocker").write_text("a file where a folder should be")
+    data = {k: v for k, v in site.config.items() if k not in change or not isinstance(v, dict)}
+    for k, v in change.items():
+        data[k] = {**site.config[k], **v} if isinstance(v, dict) and isinstance(site.config.get(k), dict) else v
+    if "algorithms" in change:
+        data["default_algorithm"] = change["algorithms"][0]["name"]
+    site.config_path.write_text(yaml.safe_dump(data))
+    proc = site.cli("status", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"config key '{key}'" in proc.stderr
+    assert problem in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, "one line, no traceback"
+
+
+def test_config_found_by_flag_then_env_then_cwd(tmp_path: Path) -> None:
+    for name in ("flag", "env", "cwd"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"inbox": f"in-{name}"}))
+    env = dict(os.environ, POSTBOX_CONFIG=str(tmp_path / "env" / "config.yaml"))
+    code = "from pipeline.service import load_config; import sys; print(load_config(sys.argv[1] or None).inbox)"
+
+    def inbox(flag: str, env: dict[str, str]) -> str:
+        return subprocess.run([sys.executable, "-c", code, flag], cwd=tmp_path / "cwd", env=env,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert inbox(str(tmp_path / "flag" / "config.yaml"), env) == str(tmp_path / "flag" / "in-flag")
+    assert inbox("", env) == str(tmp_path / "env" / "in-env")
+    env.pop("POSTBOX_CONFIG")
+    assert inbox("", env) == str(tmp_path / "cwd" / "in-cwd")
+
+
+def test_defaults_are_embedded_and_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    cfg = Config.from_dict({}, base_dir=tmp_path)
+    assert cfg.inbox == tmp_path / "inbox" and cfg.outbox == tmp_path / "outbox"
+    assert cfg.default_algorithm == "body-lungs"
+    assert cfg.algorithm("body-lungs") is not None
+    assert cfg.worker.keep_warm is True
+    assert (cfg.http.port, cfg.dicom.ae_title, cfg.dicom.port) == (8000, "POSTBOX", 7777)
+
+
+def test_config_error_survives_pickling() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ConfigError("worker.processes", "must be > 0")))
+    assert (err.key, err.problem) == ("worker.processes", "must be > 0")
+
+
+def test_repo_config_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    cfg = Config.from_file(root / "config.yaml", check_folders=False)
+    assert cfg.default_algorithm == "body-lungs"
+    from pipeline.bodylungs import DEFAULT_SETTINGS
+
+    assert cfg.algorithms[0].default_settings == DEFAULT_SETTINGS
