@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -230,7 +231,9 @@ def dicom_series_uid(path: Path) -> str | None:
     import pydicom  # only needed for DICOM input; keeps the CLI quick to start
 
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[_SERIES_UID_TAG])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a broken file is refused below, not warned about
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[_SERIES_UID_TAG])
     except Exception as exc:  # pydicom raises many types for a broken file
         raise InvalidInput(f"{path.name}: DICOM file does not parse ({exc})") from None
     uid = ds.get("SeriesInstanceUID")
