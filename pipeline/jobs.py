@@ -567,6 +567,12 @@ def start_attempt(claim: Claim) -> None:
     _save(claim)
 
 
+def append_log(claim: Claim, line: str) -> None:
+    """Add a line of Postbox's own to the job's log (what it did after the algorithm)."""
+    with open(claim.log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"--- {line} ---\n")
+
+
 def requeue(claim: Claim, reason: str) -> None:
     """Give a job back to the inbox untouched (service shutting down); the attempt does not count."""
     m = claim.manifest

@@ -16,6 +16,7 @@ from .config import AlgorithmConfig, Config
 from .dataobject import DataObject
 from .errors import AlgorithmFailed, ClaimLost, InvalidInput, UnknownAlgorithm
 from .index import Index
+from .postprocess import add_dicom_outputs
 from .runner import ChildPool, run_command, run_python
 from .watcher import watch
 
@@ -191,6 +192,10 @@ class Worker:
         try:
             outputs, timings = self._execute(claim, alg, settings)
             m.timings.update(timings)
+            outputs, checks = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir,
+                                                log_line=lambda line: jobs.append_log(claim, line))
+            if checks:
+                m.extra["check_dice"] = checks
             records = jobs.collect_outputs(claim, outputs)
         except (AlgorithmFailed, InvalidInput) as exc:
             if self._stop.is_set():
@@ -204,10 +209,8 @@ class Worker:
 
     def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig,
                  settings: dict[str, Any]) -> tuple[list[DataObject], dict[str, float]]:
-        m = claim.manifest
         timeout = alg.timeout or self.config.worker.job_timeout
-        inputs = [DataObject(type=d["type"], path=str(claim.job_dir / d["path"]), meta_data=d.get("meta_data", {}),
-                             id=d["id"]) for d in m.inputs]
+        inputs = self._inputs(claim)
         if self._stop.is_set():
             raise _Stopping()
         if alg.command is not None:
@@ -218,6 +221,11 @@ class Worker:
                               timeout)
         except RuntimeError as exc:  # the pool is closed: we are stopping
             raise _Stopping() from exc
+
+    @staticmethod
+    def _inputs(claim: jobs.Claim) -> list[DataObject]:
+        return [DataObject(type=d["type"], path=str(claim.job_dir / d["path"]), meta_data=d.get("meta_data", {}),
+                           id=d["id"]) for d in claim.manifest.inputs]
 
     def _give_back(self, claim: jobs.Claim, reason: str) -> None:
         try:
