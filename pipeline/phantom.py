@@ -388,7 +388,8 @@ def uneven_grid(
     for count, spacing in blocks:
         if count < 0 or spacing <= 0:
             raise ValueError(f"each block needs a count >= 0 and a spacing > 0, not {(count, spacing)}")
-        offsets.extend(offsets[-1] + spacing * (n + 1) for n in range(count))
+        base = offsets[-1]  # fixed before extending: the generator would otherwise see the list grow
+        offsets.extend(base + spacing * (n + 1) for n in range(count))
     return _centred_grid((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), size=size, fov=fov, offsets=offsets)
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import jobs
+from . import gate, jobs
 from .algorithms import merge_settings, resolve
 from .config import AlgorithmConfig, Config
 from .dataobject import DataObject
@@ -186,6 +186,12 @@ class Worker:
             jobs.fail(claim, cfg.outbox, str(exc))
             return
         m.algorithm = alg.name
+        try:
+            self._gate(claim)
+        except InvalidInput as exc:
+            log.warning("job %s: refused: %s", claim.job_id, exc)
+            jobs.fail(claim, cfg.outbox, str(exc))
+            return
         jobs.start_attempt(claim)
         self.index.record_job(m, "inbox")
         log.info("job %s: started %s (attempt %d)", claim.job_id, alg.name, m.attempts)
@@ -221,6 +227,22 @@ class Worker:
                               timeout)
         except RuntimeError as exc:  # the pool is closed: we are stopping
             raise _Stopping() from exc
+
+    def _gate(self, claim: jobs.Claim) -> None:
+        """Check each DICOM input is one whole volume; fail or warn by ``dicom.incomplete``."""
+        for d in self._inputs(claim):
+            if d.type != "DICOM":
+                continue
+            found = gate.problems(Path(d.path))
+            if not found:
+                continue
+            reason = f"incomplete series {d.id}: {gate.summary(found)}"
+            if self.config.dicom.incomplete == "fail":
+                raise InvalidInput(reason + " (dicom.incomplete: fail)")
+            if reason not in claim.manifest.warnings:
+                claim.manifest.warnings.append(reason)
+            jobs.append_log(claim, f"warning: {reason}; running anyway (dicom.incomplete: run)")
+            log.warning("job %s: %s; running anyway", claim.job_id, reason)
 
     @staticmethod
     def _inputs(claim: jobs.Claim) -> list[DataObject]:
