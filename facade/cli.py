@@ -34,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--list", action="store_true", help="list key names, creation times and prefixes")
     group.add_argument("--remove", metavar="NAME", help="delete a key")
     msub.add_parser("run", help="start the worker and every configured door; stop with Ctrl-C or SIGTERM")
+    echo = msub.add_parser("echo", help="C-ECHO a DICOM node (verification)")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("ae_title", metavar="AE", help="the called AE title")
+    echo.add_argument("--calling", default="POSTBOX", help="our AE title (default POSTBOX)")
 
     submit = sub.add_parser("submit", help="submit a file or folder as one job (atomic); prints the job id")
     submit.add_argument("path", nargs="+", type=Path, help="input files or folders")
@@ -75,6 +80,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _manage(args: argparse.Namespace) -> int:
+    if args.manage == "echo":
+        return _echo(args)
     cfg = _config(args)
     index = Index(cfg.database)
     if args.manage == "initdb":
@@ -98,6 +105,26 @@ def _manage(args: argparse.Namespace) -> int:
         from pipeline.service import app
 
         app.serve(cfg)
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=args.calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(args.host, args.port, ae_title=args.ae_title)
+    if not assoc.is_established:
+        print(f"postbox: error: no association with {args.ae_title}@{args.host}:{args.port}", file=sys.stderr)
+        return 2
+    status = assoc.send_c_echo()
+    assoc.release()
+    if getattr(status, "Status", None) != 0:
+        print(f"postbox: error: C-ECHO failed: {status}", file=sys.stderr)
+        return 2
+    print(f"C-ECHO {args.ae_title}@{args.host}:{args.port}: success")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import fnmatch
 import importlib.util
 import os
 import sys
@@ -87,35 +88,123 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """Where the HTTP facade listens (served from the HTTP issue on)."""
+    """The HTTP facade: where it listens, how many requests at once, and the limits on uploads.
+
+    ``port: 0`` takes any free port (the service log says which). ``max_unpacked_mb`` and
+    ``max_zip_entries`` bound what a zipped DICOM series may unpack to (zip bombs); ``sweep_seconds``
+    is how often expired datasets are looked for.
+    """
 
     host: str = field(default="127.0.0.1", metadata=_t(str))
     port: int = field(default=8000, metadata=_t(int))
     enabled: bool = field(default=True, metadata=_t(bool))
     max_upload_mb: float = field(default=2048.0, metadata=_t(float))
+    max_unpacked_mb: float = field(default=8192.0, metadata=_t(float))
+    max_zip_entries: int = field(default=10000, metadata=_t(int))
+    threads: int = field(default=16, metadata=_t(int))
+    sweep_seconds: float = field(default=60.0, metadata=_t(float))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigError("http.port", f"must be a TCP port (0 for any free one), not {self.port}")
+        _positive("http.max_upload_mb", self.max_upload_mb)
+        _positive("http.max_unpacked_mb", self.max_unpacked_mb)
+        _positive("http.max_zip_entries", self.max_zip_entries)
+        _positive("http.threads", self.threads)
+        _positive("http.sweep_seconds", self.sweep_seconds)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer results are sent to (C-STORE SCP)."""
+
+    host: str = field(metadata=_t(str))
+    port: int = field(metadata=_t(int))
+    ae_title: str = field(metadata=_t(str))
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError("dicom.destinations.port", f"must be a TCP port, not {self.port}")
+        if not 0 < len(self.ae_title.strip()) <= 16:
+            raise ConfigError("dicom.destinations.ae_title", f"must be 1 to 16 characters, not {self.ae_title!r}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which algorithm a received series runs, and where its results go; the first match wins.
+
+    ``called_ae``, ``calling_ae`` and the values of ``match`` (DICOM keyword -> pattern) are shell-style
+    patterns, compared without regard to case.
+    """
+
+    algorithm: str = field(metadata=_t(str))
+    called_ae: str | None = field(default=None, metadata=_t(str, nullable=True))
+    calling_ae: str | None = field(default=None, metadata=_t(str, nullable=True))
+    match: dict = field(default_factory=dict, metadata=_t(dict))
+    settings: dict = field(default_factory=dict, metadata=_t(dict))
+    destinations: tuple = field(default=(), metadata=_t(tuple))
+    structures: dict = field(default_factory=dict, metadata=_t(dict))
+
+    def matches(self, called_ae: str, calling_ae: str, attributes: Mapping[str, Any]) -> bool:
+        """Whether a series with these AE titles and attributes takes this route."""
+        if self.called_ae is not None and not fnmatch.fnmatchcase(called_ae.upper(), self.called_ae.upper()):
+            return False
+        if self.calling_ae is not None and not fnmatch.fnmatchcase(calling_ae.upper(), self.calling_ae.upper()):
+            return False
+        for keyword, pattern in self.match.items():
+            value = str(attributes.get(keyword, "") or "")
+            if not fnmatch.fnmatchcase(value.upper(), str(pattern).upper()):
+                return False
+        return True
 
 
 @dataclass(frozen=True)
 class DicomConfig:
-    """The DICOM node (served from the DICOM issue on)."""
+    """The DICOM node, its routes and the destinations results are sent to."""
 
     ae_title: str = field(default="POSTBOX", metadata=_t(str))
     port: int = field(default=7777, metadata=_t(int))
     host: str = field(default="0.0.0.0", metadata=_t(str))
-    enabled: bool = field(default=False, metadata=_t(bool))
+    enabled: bool = field(default=True, metadata=_t(bool))
     series_timeout: float = field(default=10.0, metadata=_t(float))
     complete_on_release: bool = field(default=False, metadata=_t(bool))
     incomplete: str = field(default="fail", metadata=_t(str))
     allowed_ae_titles: tuple = field(default=(), metadata=_t(tuple))
     allowed_hosts: tuple = field(default=(), metadata=_t(tuple))
     routes: tuple = field(default=(), metadata=_t(tuple))
+    unrouted: str = field(default="run", metadata=_t(str))
     destinations: dict = field(default_factory=dict, metadata=_t(dict))
+    send_retry_seconds: float = field(default=3600.0, metadata=_t(float))
+    send_backoff_max: float = field(default=60.0, metadata=_t(float))
+    max_associations: int = field(default=10, metadata=_t(int))
 
     def __post_init__(self) -> None:
         if self.incomplete not in ("fail", "run"):
             raise ConfigError("dicom.incomplete", f"must be 'fail' or 'run', not {self.incomplete!r}")
+        if self.unrouted not in ("run", "ignore"):
+            raise ConfigError("dicom.unrouted", f"must be 'run' or 'ignore', not {self.unrouted!r}")
         if not 0 < self.port < 65536:
             raise ConfigError("dicom.port", f"must be a TCP port, not {self.port}")
+        if not 0 < len(self.ae_title.strip()) <= 16:
+            raise ConfigError("dicom.ae_title", f"must be 1 to 16 characters, not {self.ae_title!r}")
+        _positive("dicom.series_timeout", self.series_timeout)
+        _positive("dicom.send_retry_seconds", self.send_retry_seconds)
+        _positive("dicom.send_backoff_max", self.send_backoff_max)
+        _positive("dicom.max_associations", self.max_associations)
+        dests = {}
+        for name, spec in self.destinations.items():
+            dests[str(name)] = spec if isinstance(spec, Destination) else _build(Destination, spec,
+                                                                                 f"dicom.destinations.{name}")
+        object.__setattr__(self, "destinations", dests)
+        routes = []
+        for i, spec in enumerate(self.routes):
+            route = spec if isinstance(spec, Route) else _build(Route, spec, f"dicom.routes[{i}]")
+            for dest in route.destinations:
+                if dest not in dests:
+                    raise ConfigError(f"dicom.routes[{i}].destinations",
+                                      f"'{dest}' is not in dicom.destinations ({', '.join(dests) or 'none'})")
+            routes.append(route)
+        object.__setattr__(self, "routes", tuple(routes))
 
 
 @dataclass(frozen=True)
@@ -253,6 +342,9 @@ class Config:
         default = top.default_algorithm or (names[0] if names else BUNDLED_ALGORITHM)
         if default not in names:
             raise ConfigError("default_algorithm", f"'{default}' is not a configured algorithm ({', '.join(names)})")
+        for i, route in enumerate(built["dicom"].routes):
+            if route.algorithm not in names:
+                raise ConfigError(f"dicom.routes[{i}].algorithm", f"'{route.algorithm}' is not a configured algorithm")
         if top.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {top.log_level!r}")
         cfg = cls(

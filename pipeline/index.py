@@ -30,6 +30,7 @@ from . import jobs as _jobs
 log = logging.getLogger(__name__)
 
 SHARDS = 32
+_SEQUENCE = "_sequence"  # the last id given out in each table of the main file
 
 
 class AtomicJSONStorage(Storage):
@@ -83,6 +84,7 @@ def job_record(manifest: _jobs.JobManifest, location: str) -> dict[str, Any]:
         "error": manifest.error,
         "dataset": manifest.dataset,
         "owner": manifest.owner,
+        "sending": any(v.get("status") == "pending" for v in manifest.extra.get("sends", {}).values()),
     }
 
 
@@ -176,9 +178,37 @@ class Index:
 
     # -- other tables (datasets, data objects, DICOM locations): small, in the main file --
 
-    def insert(self, table: str, record: dict[str, Any]) -> int:
+    def insert(self, table: str, record: dict[str, Any], *, id_field: str | None = None,
+               unless: dict[str, Any] | None = None) -> int:
+        """Add ``record`` to ``table`` and return its id.
+
+        Ids are never reused: TinyDB would give a removed record's id to the next one, so a client
+        holding an old id (an expired dataset, a deleted data object) would reach a new record.
+
+        Parameters
+        ----------
+        id_field
+            Also store the id in the record under this name, so that ``find``/``update``/``remove``
+            can match on it.
+        unless
+            If a record matching these fields exists, return its id and insert nothing; the look-up
+            and the insert share one lock, so two processes racing to add the same record add it once.
+        """
         with self._open(self.path) as db:
-            return db.table(table).insert(record)
+            tab = db.table(table)
+            if unless:
+                found = tab.search(Query().fragment(unless))
+                if found:
+                    return found[0].doc_id
+            sequence = db.table(_SEQUENCE)
+            is_this = Query()["table"] == table
+            last = sequence.get(is_this)
+            used = [d.doc_id for d in tab.all()]
+            doc_id = max([last["last"] if last else 0, *used]) + 1  # type: ignore[index]
+            doc = {**record, id_field: doc_id} if id_field else dict(record)
+            tab.insert(Document(doc, doc_id=doc_id))
+            sequence.upsert({"table": table, "last": doc_id}, is_this)
+            return doc_id
 
     def find(self, table: str, **match: Any) -> list[dict[str, Any]]:
         with self._open(self.path) as db:

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -623,6 +623,17 @@ def collect_outputs(claim: Claim, outputs: list[DataObject]) -> list[dict[str, A
                         "parent": obj.parent.id if obj.parent is not None else None,
                         "meta_data": dict(obj.meta_data)})
     return records
+
+
+def update_finished(inbox: Path, outbox: Path, job_id: str, change: Callable[[JobManifest], None]) -> JobManifest:
+    """Change the manifest of a job in the outbox (send state), under the job's lock."""
+    lock = FileLock(lock_path(inbox, job_id), timeout=30, thread_local=False, preserve_lock_file=True)
+    with lock:
+        job_dir = outbox / job_id
+        manifest = read_manifest(job_dir)
+        change(manifest)
+        write_manifest(job_dir, manifest)
+    return manifest
 
 
 def finish(claim: Claim, outbox: Path, outputs: list[dict[str, Any]] | None = None) -> Path:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from . import algorithms
 from .config import Config
+from .errors import ConfigError
 from .index import Index
 from .logs import configure_logging
 from .worker import Worker
@@ -76,8 +77,24 @@ class Service:
 
     def serve(self, cfg: Config) -> None:
         """Run the worker (and, as they arrive, the other doors) on ``cfg`` until stopped."""
-        worker = Worker(cfg, Index(cfg.database))
+        index = Index(cfg.database)
+        worker = Worker(cfg, index)
         self._stop.clear()
+        doors: list[Any] = []
+        if cfg.dicom.enabled:
+            from .node import DicomNode
+            from .sender import Sender
+
+            sender = Sender(cfg, index)
+            worker.on_finished = sender.notify
+            node = DicomNode(cfg, index)
+            try:
+                node.start()
+            except OSError as exc:
+                raise ConfigError("dicom.port", f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
+                                                f"{exc.strerror or exc}") from None
+            sender.start()
+            doors += [node, sender]
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("service: %s received, stopping", signal.Signals(signum).name)
@@ -93,6 +110,8 @@ class Service:
                 if not thread.is_alive():
                     break
         finally:
+            for door in doors:
+                door.stop()
             worker.stop()
             thread.join()
         log.info("service: stopped")

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from .errors import AlgorithmFailed, ClaimLost, InvalidInput, UnknownAlgorithm
 from .index import Index
 from .postprocess import add_dicom_outputs
 from .runner import ChildPool, run_command, run_python
+from .sender import plan_sends
 from .watcher import watch
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Worker:
                                max_jobs_per_child=config.worker.max_jobs_per_child)
         self._executor = ThreadPoolExecutor(max_workers=config.worker.processes, thread_name_prefix="job")
         self.ready = threading.Event()
+        self.on_finished: Callable[[str], None] | None = None  # the sender's wake-up, when there is one
 
     # -- lifecycle --
 
@@ -199,10 +202,16 @@ class Worker:
             outputs, timings = self._execute(claim, alg, settings)
             m.timings.update(timings)
             outputs, checks = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir,
+                                                structures=m.extra.get("structures"),
                                                 log_line=lambda line: jobs.append_log(claim, line))
             if checks:
                 m.extra["check_dice"] = checks
             records = jobs.collect_outputs(claim, outputs)
+            if m.extra.get("destinations"):
+                if any(r["type"] == "DICOM" for r in records):
+                    m.extra["sends"] = plan_sends(m.extra["destinations"])
+                else:
+                    m.warnings.append("destinations are set but the job has no DICOM outputs to send")
         except (AlgorithmFailed, InvalidInput) as exc:
             if self._stop.is_set():
                 raise _Stopping() from exc
@@ -211,6 +220,8 @@ class Worker:
             jobs.fail(claim, cfg.outbox, reason)
             return
         jobs.finish(claim, cfg.outbox, records)
+        if m.extra.get("sends") and self.on_finished is not None:
+            self.on_finished(claim.job_id)
         log.info("job %s: done in %.2f s", claim.job_id, m.timings["finished"] - m.timings["claimed"])
 
     def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig,

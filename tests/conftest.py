@@ -57,6 +57,7 @@ class Site:
         self.config: dict[str, Any] = {
             "worker": {"settle_seconds": 0.3, "rescan_seconds": 1, "job_timeout": 60},
             "default_algorithm": "noop",
+            "dicom": {"enabled": False},
             "algorithms": [
                 {"name": "noop", "function": "testalgos:noop", "default_settings": {"label": "x", "n": 1}},
                 {"name": "slow", "function": "testalgos:slow", "default_settings": {"seconds": 30}},

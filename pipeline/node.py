@@ -1,0 +1,318 @@
+"""The DICOM node: C-ECHO and C-STORE SCP that files each received series as one job.
+
+Each instance is written atomically (temp file, rename) into a staging folder per (calling AE, study,
+series), named by its SOP Instance UID, so a resent instance replaces rather than duplicates. A series
+becomes a job when no instance has arrived for ``series_timeout`` seconds, or at association release
+with ``complete_on_release``. A series that fails the completeness gate is held once more for
+``series_timeout`` in case the rest arrives. Handlers are bound as data (pynetdicom's style) and refuse
+with real Failure codes, never a warning a sender would take as stored.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.filereader import read_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from . import gate, jobs
+from .config import Config, Route
+from .errors import InvalidInput
+from .index import Index
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "dicom-series.json"  # in a series' staging folder: who sent it, where it goes
+SERIES_DIR = "series-1"
+
+# pynetdicom's storage status table: only Failure codes refuse (0xB0xx would read as stored).
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+_ROUTING_KEYWORDS = ("Modality", "SeriesDescription", "StudyDescription", "BodyPartExamined", "ProtocolName",
+                     "Manufacturer", "StationName")
+_LAST_TAG_NEEDED = 0x0020000E  # SeriesInstanceUID: everything filing and routing need comes before it
+
+
+@dataclass
+class _Series:
+    key: tuple[str, str, str]
+    job_id: str
+    staging: Path
+    state: dict[str, Any]
+    last: float
+    writing: int = 0
+    instances: int = 0
+    associations: set[int] = field(default_factory=set)
+    held: bool = False
+
+    @property
+    def folder(self) -> Path:
+        return self.staging / jobs.INPUT / SERIES_DIR
+
+
+def route_for(config: Config, called_ae: str, calling_ae: str, attributes: dict[str, Any]) -> Route | None:
+    """The first route that matches, a default one when none does, or None to ignore the series."""
+    for route in config.dicom.routes:
+        if route.matches(called_ae, calling_ae, attributes):
+            return route
+    if config.dicom.unrouted == "ignore":
+        return None
+    return Route(algorithm=config.default_algorithm)
+
+
+def _headers(raw: bytes, transfer_syntax: str) -> Any:
+    """Parse just the attributes needed to file and route an instance, not the pixel data."""
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+    implicit = transfer_syntax == ImplicitVRLittleEndian
+    return read_dataset(io.BytesIO(raw), implicit, True, stop_when=lambda tag, *_: tag > _LAST_TAG_NEEDED)
+
+
+class DicomNode:
+    """The C-STORE/C-ECHO SCP of one Postbox."""
+
+    def __init__(self, config: Config, index: Index | None = None) -> None:
+        self.config = config
+        self.index = index or Index(config.database)
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._server: Any = None
+        self._timer: threading.Thread | None = None
+        self.port = config.dicom.port
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        dcfg = self.config.dicom
+        ae = AE(ae_title=dcfg.ae_title)
+        ae.maximum_associations = dcfg.max_associations
+        ae.network_timeout = 60
+        for cx in AllStoragePresentationContexts:
+            # Compressed syntaxes are accepted and stored as received: the algorithm decodes if it must.
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification)
+        if dcfg.allowed_ae_titles:
+            ae.require_calling_aet = [str(a) for a in dcfg.allowed_ae_titles]
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_CONN_CLOSE, self._on_end),
+            (evt.EVT_CONN_OPEN, self._on_connect),
+        ]
+        self._resume()
+        self._server = ae.start_server((dcfg.host, dcfg.port), block=False, evt_handlers=handlers)
+        self.port = self._server.server_address[1]
+        self._timer = threading.Thread(target=self._run_timer, name="dicom-series-timer", daemon=True)
+        self._timer.start()
+        log.info("dicom: node %s listening on %s:%d", dcfg.ae_title, dcfg.host, self.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._timer is not None:
+            self._timer.join(timeout=10)
+
+    # -- handlers (pynetdicom turns an exception into a failure status; we choose the code ourselves) --
+
+    def _on_connect(self, event: Any) -> None:
+        allowed = self.config.dicom.allowed_hosts
+        address = event.assoc.requestor.address
+        if allowed and address not in allowed:
+            log.warning("dicom: connection from %s refused (not in dicom.allowed_hosts)", address)
+            event.assoc.abort()
+
+    def _on_echo(self, event: Any) -> int:
+        log.debug("dicom: C-ECHO from %s", event.assoc.requestor.ae_title)
+        return 0x0000
+
+    def _on_store(self, event: Any) -> int:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        # The title the peer called us by (routes match on it), not our own configured one.
+        primitive = getattr(assoc.requestor, "primitive", None)
+        called = str(getattr(primitive, "called_ae_title", None) or assoc.acceptor.ae_title).strip()
+        try:
+            raw = event.encoded_dataset(include_meta=False)
+            ds = _headers(raw, event.context.transfer_syntax)
+            sop_uid = str(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID or "")
+            study_uid, series_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # any parse error: the instance cannot be understood
+            log.warning("dicom: instance from %s refused: does not parse (%s)", calling, type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        if not (sop_uid and study_uid and series_uid) or not _safe_uid(sop_uid):
+            log.warning("dicom: instance from %s refused: no SOP Instance, Study or Series UID to file it by",
+                        calling)
+            return CANNOT_UNDERSTAND
+        key = (calling, study_uid, series_uid)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                attributes = {k: str(ds.get(k, "") or "") for k in _ROUTING_KEYWORDS}
+                route = route_for(self.config, called, calling, attributes)
+                if route is None:
+                    log.info("dicom: series %s from %s matches no route; ignored (dicom.unrouted)", series_uid,
+                             calling)
+                    return 0x0000
+                try:
+                    series = self._new_series(key, assoc, called, route, attributes)
+                except OSError as exc:
+                    log.error("dicom: cannot stage series %s: %s", series_uid, exc)
+                    return OUT_OF_RESOURCES
+            series.writing += 1
+            series.associations.add(id(assoc))
+            series.last = time.monotonic()
+        try:
+            target = series.folder / f"{sop_uid}.dcm"
+            tmp = series.folder / f".{sop_uid}.{secrets.token_hex(3)}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(event.encoded_dataset(include_meta=True))
+            os.replace(tmp, target)  # a resent instance replaces the earlier copy
+        except OSError as exc:
+            log.error("dicom: cannot store an instance of series %s: %s", series_uid, exc)
+            tmp.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        finally:
+            with self._lock:
+                series.writing -= 1
+                series.instances += 1
+                series.last = time.monotonic()
+        return 0x0000
+
+    def _on_end(self, event: Any) -> None:
+        ident = id(event.assoc)
+        complete = []
+        with self._lock:
+            for series in self._series.values():
+                if ident in series.associations:
+                    series.associations.discard(ident)
+                    if self.config.dicom.complete_on_release and not series.associations:
+                        complete.append(series.key)
+        if complete:
+            self._wake.set()
+            with self._lock:
+                for key in complete:
+                    if key in self._series:
+                        self._series[key].last = 0.0  # due now
+
+    # -- series to jobs --
+
+    def _new_series(self, key: tuple[str, str, str], assoc: Any, called: str, route: Route,
+                    attributes: dict[str, Any]) -> _Series:
+        staging = jobs.stage(self.config.inbox)
+        state = {
+            "sender": {"calling_ae": key[0], "called_ae": called, "address": assoc.requestor.address,
+                       "port": assoc.requestor.port},
+            "study_instance_uid": key[1],
+            "series_instance_uid": key[2],
+            "modality": attributes.get("Modality", ""),
+            "route": {"algorithm": route.algorithm, "settings": dict(route.settings),
+                      "destinations": list(route.destinations), "structures": dict(route.structures)},
+        }
+        (staging / jobs.INPUT / SERIES_DIR).mkdir()
+        jobs.atomic_write(staging / STATE_FILE, json.dumps(state).encode())
+        series = _Series(key, staging.name, staging, state, time.monotonic())
+        self._series[key] = series
+        log.info("dicom: series %s of study %s from %s (called %s) -> job %s, algorithm %s", key[2], key[1],
+                 key[0], called, staging.name, route.algorithm)
+        return series
+
+    def _resume(self) -> None:
+        """Pick up series a previous run was receiving: their timers start again from now."""
+        staging = self.config.staging
+        if not staging.is_dir():
+            return
+        for sdir in sorted(staging.iterdir()):
+            state_file = sdir / STATE_FILE
+            if not state_file.is_file() or (sdir / jobs.JOB_FILE).exists():
+                continue
+            state = json.loads(state_file.read_text())
+            key = (state["sender"]["calling_ae"], state["study_instance_uid"], state["series_instance_uid"])
+            series = _Series(key, sdir.name, sdir, state, time.monotonic())
+            series.instances = sum(1 for p in series.folder.glob("*.dcm"))
+            self._series[key] = series
+            log.info("dicom: resumed series %s (%d instances) as job %s", key[2], series.instances, sdir.name)
+
+    def _run_timer(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self._complete_due()
+            except Exception:
+                log.exception("dicom: series completion failed; trying again")
+                wait = 1.0
+            self._wake.wait(min(wait, 1.0))
+            self._wake.clear()
+
+    def _complete_due(self) -> float:
+        timeout = self.config.dicom.series_timeout
+        now = time.monotonic()
+        due: list[_Series] = []
+        wait = timeout
+        with self._lock:
+            for key, series in list(self._series.items()):
+                idle = now - series.last
+                if series.writing == 0 and idle >= timeout or (series.last == 0.0 and series.writing == 0):
+                    del self._series[key]  # a later instance of this series starts a new job
+                    due.append(series)
+                else:
+                    wait = min(wait, max(0.01, timeout - idle))
+        for series in due:
+            self._complete(series)
+        return wait
+
+    def _complete(self, series: _Series) -> None:
+        found: list[str] = []
+        try:
+            found = gate.problems(series.folder)
+        except InvalidInput as exc:
+            found = [exc.reason]
+        if found and not series.held:
+            # Hold once more in case the rest is still coming (a resend, a second association).
+            series.held = True
+            series.last = time.monotonic()
+            with self._lock:
+                if series.key not in self._series:
+                    self._series[series.key] = series
+                    log.info("dicom: series %s incomplete (%s); holding for another %.0f s", series.key[2],
+                             gate.summary(found), self.config.dicom.series_timeout)
+                    return
+                # Instances arrived meanwhile under a new staging folder: keep both, commit this one.
+        state = series.state
+        route = state["route"]
+        manifest = jobs.JobManifest(
+            id=series.job_id, algorithm=route["algorithm"], settings=route["settings"], source="dicom",
+            sender=state["sender"],
+            inputs=[{"id": "in-1", "type": "DICOM", "path": f"{jobs.INPUT}/{SERIES_DIR}",
+                     "meta_data": {"series_instance_uid": state["series_instance_uid"],
+                                   "study_instance_uid": state["study_instance_uid"],
+                                   "modality": state["modality"], "instances": series.instances}}],
+            extra={"destinations": route["destinations"], "structures": route["structures"]},
+        )
+        n = sum(1 for _ in series.folder.glob("*.dcm"))
+        manifest.inputs[0]["meta_data"]["instances"] = n
+        (series.staging / STATE_FILE).unlink(missing_ok=True)
+        jobs.commit(self.config.inbox, series.staging, manifest)
+        self.index.record_job(manifest, "inbox")
+        log.info("dicom: series %s complete with %d instances -> job %s", series.key[2], n, series.job_id)
+
+
+def _safe_uid(uid: str) -> bool:
+    # A UID becomes a file name: digits and dots only, as the standard says, and no more than 64.
+    return 0 < len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid)
