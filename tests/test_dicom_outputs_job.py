@@ -1,0 +1,95 @@
+"""DICOM jobs get RTSTRUCT and SEG written by the pipeline, checked, with the configured names."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+from conftest import Site, read_job
+
+from pipeline import phantom
+
+MASK_ON_WRONG_GRID = '''
+import os
+import SimpleITK as sitk
+from pipeline import DataObject
+
+def run(data_objects, working_dir, settings):
+    img = sitk.Image(7, 9, 3, sitk.sitkUInt8)   # no relation to the CT it came from
+    img.SetSpacing((1.0, 1.0, 1.0))
+    img.SetOrigin((5000.0, 5000.0, 5000.0))   # metres away from the patient
+    path = os.path.join(working_dir, "tumour.nii.gz")
+    sitk.WriteImage(img + 1, path)
+    return [DataObject(type="FILE", path=path, parent=data_objects[0])]
+'''
+
+
+def bundled(site: Site, **extra: object) -> None:
+    site.config["algorithms"].append({"name": "body-lungs", "function": "pipeline.bodylungs:segment",
+                                      "default_settings": {"body_name": "body"}, **extra})
+    site.write_config(default_algorithm="body-lungs")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_dicom_job_dropped_in_inbox_ends_with_checked_rtstruct_and_seg(site: Site, tmp_path: Path) -> None:
+    bundled(site, outputs=["rtstruct", "seg"],
+            structures={"lung_left": {"name": "Lung_L", "color": [0, 255, 255], "type": "ORGAN"},
+                        "body": {"name": "External", "type": "EXTERNAL"}})
+    grid = phantom.axial_grid(slices=20, size=96)
+    files = phantom.write_dicom(tmp_path / "ct", grid)
+    source = pydicom.dcmread(files[0])
+    site.start()
+    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
+    [job_dir] = site.done(1, timeout=90)
+    job = read_job(job_dir)
+    assert job["status"] == "done", (job_dir / "job.log").read_text()
+    dicom_outputs = [o for o in job["outputs"] if o["type"] == "DICOM"]
+    assert sorted(o["meta_data"]["kind"] for o in dicom_outputs) == ["rtstruct", "seg"]
+    assert all(o["parent"] == "in-1" for o in dicom_outputs)
+    rt_path = job_dir / next(o["path"] for o in dicom_outputs if o["meta_data"]["kind"] == "rtstruct")
+    seg_path = job_dir / next(o["path"] for o in dicom_outputs if o["meta_data"]["kind"] == "seg")
+    rt = pydicom.dcmread(rt_path)
+    assert rt.Modality == "RTSTRUCT" and rt.StudyInstanceUID == source.StudyInstanceUID
+    assert rt.SeriesInstanceUID != source.SeriesInstanceUID
+    rois = {r.ROINumber: r.ROIName for r in rt.StructureSetROISequence}
+    assert set(rois.values()) == {"External", "Lung_L", "lung_right"}
+    colours = {rois[c.ReferencedROINumber]: [int(v) for v in c.ROIDisplayColor] for c in rt.ROIContourSequence}
+    assert colours["Lung_L"] == [0, 255, 255]
+    types = {rois[o.ReferencedROINumber]: o.RTROIInterpretedType for o in rt.RTROIObservationsSequence}
+    assert types["External"] == "EXTERNAL"
+    assert pydicom.dcmread(seg_path).Modality == "SEG"
+    assert dciodvfy_errors(rt_path) == [] and dciodvfy_errors(seg_path) == []
+    check = job["extra"]["check_dice"]["in-1"]
+    assert set(check) == {"body", "lung_left", "lung_right"} and min(check.values()) >= 0.95
+    assert "check-back Dice" in (job_dir / "job.log").read_text()
+
+
+def test_mask_that_cannot_match_the_series_fails_the_job_with_a_clear_error(site: Site, tmp_path: Path) -> None:
+    (site.root / "wronggrid.py").write_text(MASK_ON_WRONG_GRID)
+    site.config["algorithms"].append({"name": "wrong-grid", "function": "wronggrid:run", "outputs": ["rtstruct"]})
+    site.write_config(default_algorithm="wrong-grid")
+    phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=6, size=32))
+    site.start()
+    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
+    [job_dir] = site.done(1, timeout=60)
+    job = read_job(job_dir)
+    assert job["status"] == "failed"
+    assert "tumour" in job["error"]
+    assert not (job_dir / "output").exists() or not list((job_dir / "output").rglob("*.dcm"))
+    assert job["error"] in (job_dir / "job.log").read_text()
+
+
+def test_nifti_job_gets_no_dicom_outputs(site: Site, tmp_path: Path) -> None:
+    bundled(site, outputs=["rtstruct", "seg"])
+    ct = phantom.write_nifti(tmp_path / "ct.nii.gz", slices=12, size=48)
+    site.start()
+    shutil.copy(ct, site.inbox / "ct.nii.gz")
+    [job_dir] = site.done(1, timeout=60)
+    job = read_job(job_dir)
+    assert job["status"] == "done" and [o["type"] for o in job["outputs"]] == ["FILE"] * 3
