@@ -268,3 +268,38 @@ def test_gives_up_after_the_retry_time_and_keeps_the_outputs(node: Site, tmp_pat
     wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["status"] == "failed", 30)
     assert "gave up after" in read_job(job_dir)["extra"]["sends"]["TPS"]["error"]
     assert len(list((job_dir / "output").rglob("*.dcm"))) == 2
+
+
+@pytest.mark.parametrize(("flag", "syntax"), [("-xi", "1.2.840.10008.1.2"), ("-xd", "1.2.840.10008.1.2.1.99")])
+def test_transfer_syntaxes_are_stored_as_received(node: Site, tmp_path: Path, flag: str, syntax: str) -> None:
+    ct(tmp_path, slices=4)
+    node.write_config(dicom={"incomplete": "run"})
+    node.start()
+    proc = subprocess.run([dcmtk("storescu"), flag, "-aec", "POSTBOX", "+sd", "127.0.0.1", str(node.port),  # type: ignore[attr-defined]
+                           str(tmp_path / "ct")], capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    [job_dir] = node.done(1)
+    stored = list((job_dir / "input" / "series-1").iterdir())
+    assert len(stored) == 4
+    assert {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in stored} == {syntax}
+    assert read_job(job_dir)["status"] == "done"
+
+
+def test_complete_on_release_and_a_late_instance_starts_a_new_job(node: Site, tmp_path: Path) -> None:
+    import time
+
+    files = ct(tmp_path, slices=6)
+    node.write_config(dicom={"series_timeout": 5.0, "complete_on_release": True, "incomplete": "run"})
+    node.start()
+    storescu(node, tmp_path / "ct")
+    released = time.time()
+    [first] = node.done(1, timeout=20)
+    assert read_job(first)["timings"]["committed"] - released < 2.0, "completed at release, not after 5 s"
+    (tmp_path / "late").mkdir()
+    shutil.copy(files[2], tmp_path / "late" / files[2].name)
+    storescu(node, tmp_path / "late")  # the series is a job already: this one starts another
+    jobs = node.done(2, timeout=30)
+    late = next(j for j in jobs if j != first)
+    assert read_job(first)["inputs"][0]["meta_data"]["instances"] == 6
+    assert read_job(late)["inputs"][0]["meta_data"]["instances"] == 1
+    assert any("1 of the 6 images" in w for w in read_job(late)["warnings"])
