@@ -119,6 +119,22 @@ class Index:
         with self._open(self._shard(record["id"])) as db:
             db.table("jobs").upsert(Document(record, doc_id=_doc_id(record["id"])))
 
+    def upsert_jobs(self, records: list[dict[str, Any]]) -> None:
+        """Write many job entries with one rewrite per shard (rebuilding an index of 10,000 jobs)."""
+        by_shard: dict[Path, list[dict[str, Any]]] = {}
+        for record in records:
+            by_shard.setdefault(self._shard(record["id"]), []).append(record)
+        for shard, group in by_shard.items():
+            with self._open(shard) as db:
+                table = db.table("jobs")
+                known = {doc.doc_id for doc in table.all()}
+                fresh = [Document(r, doc_id=_doc_id(r["id"])) for r in group if _doc_id(r["id"]) not in known]
+                for r in group:
+                    if _doc_id(r["id"]) in known:
+                        table.upsert(Document(r, doc_id=_doc_id(r["id"])))
+                if fresh:
+                    table.insert_multiple(fresh)
+
     def update_job(self, job_id: str, **fields: Any) -> None:
         with self._open(self._shard(job_id)) as db:
             table = db.table("jobs")
@@ -153,11 +169,12 @@ class Index:
         for location, box in (("outbox", outbox), ("inbox", inbox)):
             for job_id in _jobs.scan(box):
                 on_disk[job_id] = (location, box / job_id)
-        changed = 0
         indexed = {r["id"]: r for r in self.jobs()}
-        for job_id in set(indexed) - set(on_disk):
+        gone = set(indexed) - set(on_disk)
+        for job_id in gone:
             self.remove_job(job_id)
-            changed += 1
+        changed = len(gone)
+        updates = []
         for job_id, (location, job_dir) in on_disk.items():
             rec = indexed.get(job_id)
             # Finished jobs never change again; only re-read what may differ from its folder.
@@ -170,8 +187,9 @@ class Index:
                 continue
             new = job_record(manifest, location)
             if new != rec:
-                self.upsert_job(new)
-                changed += 1
+                updates.append(new)
+        self.upsert_jobs(updates)
+        changed += len(updates)
         if changed:
             log.info("index: repaired %d job entr%s from the folders", changed, "y" if changed == 1 else "ies")
         return changed
@@ -204,7 +222,7 @@ class Index:
             is_this = Query()["table"] == table
             last = sequence.get(is_this)
             used = [d.doc_id for d in tab.all()]
-            doc_id = max([last["last"] if last else 0, *used]) + 1  # type: ignore[index]
+            doc_id = max([last["last"] if last else 0, *used]) + 1
             doc = {**record, id_field: doc_id} if id_field else dict(record)
             tab.insert(Document(doc, doc_id=doc_id))
             sequence.upsert({"table": table, "last": doc_id}, is_this)

@@ -465,10 +465,12 @@ def recover(inbox: Path) -> list[str]:
 def scan(inbox: Path) -> list[str]:
     """Ids of the committed jobs in the inbox, oldest first."""
     try:
+        # Names alone: a job folder only ever appears whole (commit is one rename), and claim() reads its
+        # job.yaml anyway; a stat per entry cost 50 ms a scan at 10,000 jobs.
         names = os.listdir(inbox)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if is_job_id(n) and os.path.isfile(os.path.join(inbox, n, JOB_FILE)))
+    return sorted(n for n in names if is_job_id(n))
 
 
 def dropped_items(inbox: Path) -> list[Path]:

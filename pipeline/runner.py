@@ -56,6 +56,8 @@ class Child:
             stderr=None,
             env=env,
             close_fds=True,
+            # Not the service's own folder: a pipeline.py there would shadow the package in the child.
+            cwd=package_root,
         )
         self._buffer = b""
         log.debug("algorithm %s: child %d started", alg.name, self.proc.pid)
@@ -95,7 +97,12 @@ class Child:
                     raise AlgorithmFailed(job_id, f"algorithm process died ({describe_exit(self.proc.returncode)})")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            self.kill()
+            raise AlgorithmFailed(job_id, "the algorithm process answered garbage on its reply channel: "
+                                          f"{line[:80]!r}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
-from pynetdicom import AE
-
 from . import jobs
 from .config import Config, Destination
 from .index import Index
@@ -31,6 +28,9 @@ class SendFailed(Exception):
 
 def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30) -> None:
     """C-STORE ``files`` to ``dest`` over one association; SendFailed unless every one is stored."""
+    from pydicom import dcmread  # only a service that sends pays for these imports, not every CLI call
+    from pynetdicom import AE
+
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     datasets = [dcmread(f) for f in files]

@@ -16,7 +16,6 @@ from .config import Config
 from .errors import ConfigError
 from .index import Index
 from .logs import configure_logging
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,7 +75,9 @@ class Service:
         self.serve(cfg)
 
     def serve(self, cfg: Config) -> None:
-        """Run the worker (and, as they arrive, the other doors) on ``cfg`` until stopped."""
+        """Run the worker and every configured door (DICOM node and sender, HTTP) on ``cfg`` until stopped."""
+        from .worker import Worker  # the CLI loads configs through this module without needing the worker
+
         index = Index(cfg.database)
         worker = Worker(cfg, index)
         self._stop.clear()
@@ -95,6 +96,9 @@ class Service:
                                                 f"{exc.strerror or exc}") from None
             sender.start()
             doors += [node, sender]
+        http = self._start_http(cfg, index)
+        if http is not None:
+            doors.append(http)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("service: %s received, stopping", signal.Signals(signum).name)
@@ -115,6 +119,26 @@ class Service:
             worker.stop()
             thread.join()
         log.info("service: stopped")
+
+    @staticmethod
+    def _start_http(cfg: Config, index: Index) -> Any:
+        """Start the HTTP facade if configured; None if disabled or its address is taken.
+
+        A taken address closes only this door, loudly: several services may share one inbox (and one
+        config.yaml) on one machine, and the second one's worker must still run.
+        """
+        if not cfg.http.enabled:
+            return None
+        from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
+
+        http = HttpServer(cfg, index)
+        try:
+            http.start()
+        except OSError as exc:
+            log.error("http: cannot listen on %s:%d (%s); the HTTP door stays closed in this process",
+                      cfg.http.host, cfg.http.port, exc.strerror or exc)
+            return None
+        return http
 
     def stop(self) -> None:
         self._stop.set()

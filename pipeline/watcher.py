@@ -26,8 +26,24 @@ class WakeOnChange(FileSystemEventHandler):
             log.exception("watcher: could not wake the worker")
 
 
+def _no_move_pairing() -> None:
+    """Stop watchdog holding events back to pair moves.
+
+    watchdog's inotify backend holds every "moved out" event for 0.5 s hoping to pair it with a "moved in",
+    and its queue is first-in-first-out, so a job committed within 0.5 s of another leaving for the outbox
+    waited that long to be seen (bench/pipeline.py: pickup p50 477 ms). Postbox only needs "something
+    changed", never paired moves.
+    """
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # not Linux, or another watchdog layout: rescans still bound the delay
+        return
+    InotifyMoveEventGrouper.delay = 0.0
+
+
 def watch(folder: Path, wake: threading.Event) -> BaseObserver | None:
     """Start an observer on ``folder`` (not recursive: new entries are what matter); None if it cannot."""
+    _no_move_pairing()
     observer = Observer()
     observer.schedule(WakeOnChange(wake), str(folder), recursive=False)
     observer.daemon = True
