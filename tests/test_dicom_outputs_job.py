@@ -93,3 +93,44 @@ def test_nifti_job_gets_no_dicom_outputs(site: Site, tmp_path: Path) -> None:
     [job_dir] = site.done(1, timeout=60)
     job = read_job(job_dir)
     assert job["status"] == "done" and [o["type"] for o in job["outputs"]] == ["FILE"] * 3
+
+
+# The seed's RTSTRUCT-writing template: PlatiPy's convert_nifti, only its import changed.
+PLATIPY_RTSTRUCT_SERVICE = '''
+import os
+
+import SimpleITK as sitk
+
+from pipeline import DataObject
+from pipeline.writers import convert_nifti   # was: from platipy.dicom.io.nifti_to_rtstruct import convert_nifti
+
+
+def run(data_objects, working_dir, settings):
+    output_objects = []
+    for d in data_objects:
+        img = sitk.ReadImage(sitk.ImageSeriesReader().GetGDCMSeriesFileNames(d.path))
+        mask = sitk.BinaryThreshold(img, lowerThreshold=-300, upperThreshold=5000)
+        masks = {settings["outputContourName"]: mask}
+        output_file = os.path.join(working_dir, "RS.dcm")
+        dcm_file = os.path.join(d.path, os.listdir(d.path)[0])
+        convert_nifti(dcm_file, masks, output_file)
+        output_objects.append(DataObject(type="DICOM", path=output_file, parent=d))
+    return output_objects
+'''
+
+
+def test_platipy_style_algorithm_writing_its_own_rtstruct(site: Site, tmp_path: Path) -> None:
+    (site.root / "rsservice.py").write_text(PLATIPY_RTSTRUCT_SERVICE)
+    site.config["algorithms"].append({"name": "rs", "function": "rsservice:run",
+                                      "default_settings": {"outputContourName": "auto_contour"}})
+    site.write_config(default_algorithm="rs")
+    phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=10, size=64))
+    site.start()
+    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
+    [job_dir] = site.done(1, timeout=60)
+    job = read_job(job_dir)
+    assert job["status"] == "done", (job_dir / "job.log").read_text()
+    assert [(o["type"], o["path"]) for o in job["outputs"]] == [("DICOM", "output/RS.dcm")]
+    rt = pydicom.dcmread(job_dir / "output" / "RS.dcm")
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["auto_contour"]
+    assert dciodvfy_errors(job_dir / "output" / "RS.dcm") == []

@@ -204,7 +204,8 @@ def bundled_with_destination(site: Site, dest_port: int) -> None:
                                       "outputs": ["rtstruct", "seg"], "default_settings": {"body_name": "body"}})
     site.write_config(default_algorithm="body-lungs", dicom={
         "destinations": {"TPS": {"host": "127.0.0.1", "port": dest_port, "ae_title": "TPS"}},
-        "routes": [{"algorithm": "body-lungs", "destinations": ["TPS"]}],
+        "routes": [{"algorithm": "body-lungs", "destinations": ["TPS"],
+                    "structures": {"lung_left": {"name": "Lung_L", "color": [0, 255, 255]}}}],
         "send_backoff_max": 1.0})
 
 
@@ -231,6 +232,8 @@ def test_storescp_destination_receives_rtstruct_and_seg(node: Site, tmp_path: Pa
         [job_dir] = node.done(1, timeout=60)
         wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["status"] == "sent", 30)
         assert modalities(tmp_path / "received") == ["RTSTRUCT", "SEG"]
+        rt = next(pydicom.dcmread(p) for p in (tmp_path / "received").iterdir() if p.name.startswith("RS"))
+        assert "Lung_L" in [r.ROIName for r in rt.StructureSetROISequence]  # the route's own mapping
         assert "TPS" in node.cli("status", job_dir.name).stdout  # type: ignore[attr-defined]
     finally:
         scp.kill()
