@@ -24,13 +24,16 @@ setup(
         "scipy>=1.10",
         "highdicom>=0.22",
         "opencv-python-headless>=4.8",
+        "cheroot>=10",
+        "multipart>=1.1",
+        "requests>=2.31",
+        "tqdm>=4.60",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",
             "rt-utils>=1.2.7",
-            "requests>=2.31",
             "ruff>=0.5",
             "mypy>=1.10",
             "types-PyYAML",

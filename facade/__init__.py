@@ -1,3 +1,3 @@
-"""Postbox's outer layer: the command line (and, from the HTTP issue on, the HTTP app and client)."""
+"""Postbox's outer layer: the command line, the PlatiPy-compatible HTTP API (``app``, ``server``) and its client."""
 
 __all__: list[str] = []

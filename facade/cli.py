@@ -1,10 +1,11 @@
-"""The ``postbox`` command: manage (initdb, key, run), submit, status, phantom."""
+"""The ``postbox`` command: manage (initdb, key, run, echo), submit, status, phantom, send."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     phantom.add_argument("--slices", type=int, default=40)
     phantom.add_argument("--size", type=int, default=128, help="rows and columns")
     phantom.add_argument("--seed", type=int, default=0)
+
+    send = sub.add_parser("send", help="send inputs to a Postbox over HTTP, run an algorithm there, download "
+                                       "the outputs (prints the files written)")
+    send.add_argument("path", nargs="+", type=Path,
+                      help="input files (a .zip of one DICOM series is fine), or DICOM series folders")
+    send.add_argument("--host", default="127.0.0.1", help="the service's host (default 127.0.0.1)")
+    send.add_argument("--port", type=int, default=8000, help="the service's HTTP port (default 8000)")
+    send.add_argument("--key", default=os.environ.get("POSTBOX_API_KEY"),
+                      help="API key (default: $POSTBOX_API_KEY, which keeps it out of the shell history)")
+    send.add_argument("--algorithm", required=True, help="the algorithm's name (or a part naming just one)")
+    send.add_argument("--settings", help="settings as a JSON object; keys must be the algorithm's")
+    send.add_argument("--out", type=Path, default=Path("."), help="where to put the outputs (default: here)")
+    send.add_argument("--verify", metavar="CA_FILE", help="use https, checking the server against this CA file")
     return p
 
 
@@ -196,7 +210,43 @@ def _phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "phantom": _phantom}
+def _send(args: argparse.Namespace) -> int:
+    from facade.client import AlgorithmFailed, Client, ClientError
+
+    if not args.key:
+        print("postbox: error: give --key or set POSTBOX_API_KEY", file=sys.stderr)
+        return 2
+    settings = None
+    if args.settings:
+        try:
+            settings = json.loads(args.settings)
+        except json.JSONDecodeError as exc:
+            print(f"postbox: error: --settings is not JSON: {exc}", file=sys.stderr)
+            return 2
+    for path in args.path:
+        if not path.exists():
+            print(f"postbox: error: no such file or folder: {path}", file=sys.stderr)
+            return 2
+    try:
+        with Client(args.host, args.port, args.key, args.algorithm, verify=args.verify) as client:
+            dataset = client.add_dataset()
+            for path in args.path:
+                obj = client.add_data_object(dataset, file_path=path)
+                print(f"sent {path} as data object {obj['id']} ({obj['type']})", file=sys.stderr)
+            for status in client.run_algorithm(dataset, config=settings):
+                print(f"{status['state']}: {status.get('status', '')}", file=sys.stderr)
+            for written in client.download_output_objects(dataset, output_path=args.out):
+                print(written)
+    except AlgorithmFailed as exc:
+        print(f"postbox: error: {exc}", file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"postbox: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+_COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "phantom": _phantom, "send": _send}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,6 +58,7 @@ class Site:
             "worker": {"settle_seconds": 0.3, "rescan_seconds": 1, "job_timeout": 60},
             "default_algorithm": "noop",
             "dicom": {"enabled": False},
+            "http": {"port": 0},  # any free port (the service log says which): sites never collide
             "algorithms": [
                 {"name": "noop", "function": "testalgos:noop", "default_settings": {"label": "x", "n": 1}},
                 {"name": "slow", "function": "testalgos:slow", "default_settings": {"seconds": 30}},

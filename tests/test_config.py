@@ -34,6 +34,9 @@ from pipeline.errors import ConfigError
      "unknown output 'png'"),
     ({"dicom": {"incomplete": "maybe"}}, "dicom.incomplete", "must be 'fail' or 'run'"),
     ({"http": {"port": "80"}}, "http.port", "must be of type int"),
+    ({"http": {"port": 70000}}, "http.port", "must be a TCP port"),
+    ({"http": {"max_upload_mb": 0}}, "http.max_upload_mb", "must be > 0"),
+    ({"http": {"threads": 0}}, "http.threads", "must be > 0"),
     ({"inbox": "blocker/inbox"}, "inbox", "cannot create folder"),
 ])
 def test_invalid_config_exits_2_naming_the_key(site: Site, change: dict, key: str, problem: str) -> None:
