@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Site, read_job
+from conftest import Site, read_job, wait_for
 
 from pipeline import jobs
 from pipeline.index import Index, job_record
@@ -78,6 +78,7 @@ def test_worker_keeps_the_index_current(site: Site, tmp_path: Path) -> None:
     job_id = site.cli("submit", str(payload)).stdout.strip()
     [job_dir] = site.done(1)
     index = Index(site.root / "postbox.db.json")
-    rec = index.get_job(job_id)
+    # The worker records the job just after the move: poll, the index may be a moment behind the folders.
+    rec = wait_for(lambda: (lambda r: r if r and r["location"] == "outbox" else None)(index.get_job(job_id)))
     assert rec["status"] == "done" and rec["location"] == "outbox"
     assert rec["finished"] == read_job(job_dir)["finished"]
