@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any
 
 from pipeline import jobs
 from pipeline.algorithms import merge_settings, resolve
-from pipeline.config import Config
+from pipeline.config import Config, Destination
 from pipeline.errors import InvalidInput, PostboxError
 from pipeline.index import Index
 
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 __all__ = ["DATASETS", "Datasets", "NotFound"]
 
 DATASETS = ".datasets"
+# Owner of the datasets that show jobs of the doors without keys (folder drop, DICOM, CLI): every key sees
+# them, so a DICOM-fed job is listed and downloadable over HTTP like any other (issue 4), but none may add
+# to them or run them.
+SITE = "*"
 UPLOADS = ".uploads"
 DEFAULT_TIMEOUT_HOURS = 24.0
 RETRIEVE = ("SEND", "MOVE", "GET")
@@ -108,12 +113,27 @@ class Datasets:
         log.info("dataset %d: created for key '%s' (kept %g h)", ds_id, owner, hours)
         return {**record, "id": ds_id}
 
-    def get(self, owner: str, dataset_id: Any) -> dict[str, Any]:
-        """The dataset record, NotFound unless this key owns it."""
-        found = self.index.find("datasets", id=_number(dataset_id, "dataset"), owner=owner)
+    def get(self, owner: str, dataset_id: Any, *, shared: bool = True) -> dict[str, Any]:
+        """The dataset record, NotFound unless this key owns it (or, with ``shared``, it is the site's)."""
+        number = _number(dataset_id, "dataset")
+        found = self.index.find("datasets", id=number, owner=owner)
+        if not found and shared:
+            found = self.index.find("datasets", id=number, owner=SITE)
         if not found:
             raise NotFound(f"dataset {dataset_id}")
         return found[0]
+
+    def _adopt_site_jobs(self) -> None:
+        """Give each finished job of a door without keys a dataset of its own, once (stable ids)."""
+        known = {d.get("last_job") for d in self.index.find("datasets", owner=SITE)}
+        for rec in self.index.jobs(lambda r: r.get("owner") is None and r.get("location") == "outbox"):
+            if rec["id"] in known:
+                continue
+            # Kept as long as its job (expires 9999-12-31): the outbox's retention decides, not a timeout.
+            self.index.insert("datasets", {
+                "owner": SITE, "timestamp": rec["created"], "timeout_hours": 0.0, "expires": 253402300799.0,
+                "from_dicom_location": None, "to_dicom_location": None, "last_job": rec["id"],
+                "source": rec["source"]}, id_field="id", unless={"owner": SITE, "last_job": rec["id"]})
 
     def describe(self, record: dict[str, Any]) -> dict[str, Any]:
         """The dataset as the API shows it (PlatiPy's fields; never the owner's key or a server path)."""
@@ -126,10 +146,12 @@ class Datasets:
                 children.setdefault(o["parent"], []).append(self._object_json(o, []))
         locations = {k: self._location_or_none(record["owner"], record.get(k))
                      for k in ("from_dicom_location", "to_dicom_location")}
+        sent = self._sent(record.get("last_job"))
         return {
             "id": record["id"],
             "input_data_objects": [self._object_json(o, children.get(o["id"], [])) for o in objects if o["is_input"]],
-            "output_data_objects": [self._object_json(o, []) for o in outputs],
+            "output_data_objects": [self._object_json({**o, "is_sent": sent and o["type"] == "DICOM"}, [])
+                                    for o in outputs],
             "from_dicom_location": locations["from_dicom_location"],
             "from_dicom_location_id": record.get("from_dicom_location"),
             "to_dicom_location": locations["to_dicom_location"],
@@ -139,8 +161,21 @@ class Datasets:
             "last_job": record.get("last_job"),
         }
 
+    def _sent(self, job_id: str | None) -> bool:
+        """Whether a job's DICOM outputs have reached every destination (the sender's state in job.yaml)."""
+        if not job_id:
+            return False
+        try:
+            sends = jobs.read_manifest(self.config.outbox / job_id).extra.get("sends") or {}
+        except (FileNotFoundError, ValueError):
+            return False
+        return bool(sends) and all(s.get("status") == "sent" for s in sends.values())
+
     def owned(self, owner: str) -> list[dict[str, Any]]:
-        return [self.describe(r) for r in self.index.find("datasets", owner=owner)]
+        """This key's datasets, then the site's (jobs from the folder, DICOM and CLI doors)."""
+        self._adopt_site_jobs()
+        records = self.index.find("datasets", owner=owner) + self.index.find("datasets", owner=SITE)
+        return [self.describe(r) for r in records]
 
     def ready(self, record: dict[str, Any]) -> bool:
         """True once the dataset has inputs and every one of them has arrived (PlatiPy's meaning)."""
@@ -163,7 +198,7 @@ class Datasets:
         """
         if fields.get("dataset") in (None, ""):
             raise InvalidInput("the field 'dataset' (the dataset id) is missing")
-        ds = self.get(owner, fields["dataset"])
+        ds = self.get(owner, fields["dataset"], shared=False)
         has_file = upload is not None and upload.path is not None
         kind = (fields.get("type") or ("FILE" if has_file else "")).upper()
         if kind not in ("FILE", "DICOM"):
@@ -195,6 +230,10 @@ class Datasets:
             record["id"] = self.index.insert("dataobjects", record, id_field="id")
             log.info("dataset %d: data object %d waits for series %s (%s)", ds["id"], record["id"],
                      record["series_instance_uid"], record["dicom_retrieve"])
+            if record["dicom_retrieve"] in ("MOVE", "GET"):
+                source = self.location(owner, ds["from_dicom_location"])
+                threading.Thread(target=self._fetch, args=(record, source), name=f"retrieve-{record['id']}",
+                                 daemon=True).start()
             return self._object_json(record, [])
         assert upload is not None and upload.path is not None
         name = safe_name(fields.get("file_name") or upload.filename or "")
@@ -251,12 +290,75 @@ class Datasets:
             raise InvalidInput(f"seriesUID must be a DICOM UID (digits and dots, at most 64), not {uid!r}")
         if retrieve in ("MOVE", "GET") and ds.get("from_dicom_location") is None:
             raise InvalidInput(f"dicom_retrieve {retrieve} needs the dataset's from_dicom_location")
+        if not self.config.dicom.enabled and retrieve != "GET":
+            raise InvalidInput(f"dicom_retrieve {retrieve} needs this service's DICOM node (dicom.enabled)")
+        waiting = {"SEND": f"waiting for the series to be sent to {self.config.dicom.ae_title}",
+                   "MOVE": "asking the PACS to send the series (C-MOVE)", "GET": "fetching the series (C-GET)"}
         return {"series_instance_uid": uid, "dicom_retrieve": retrieve, "is_fetched": False,
-                "status": f"waiting for the series ({retrieve}); DICOM retrieval is served once the DICOM node "
-                          "exists"}
+                "status": waiting[retrieve]}
+
+    def _fetch(self, record: dict[str, Any], source: dict[str, Any]) -> None:
+        """C-MOVE (the node then receives the series) or C-GET (received here) a waiting DICOM input."""
+        from pipeline import retrieve
+
+        loc = Destination(host=source["host"], port=source["port"], ae_title=source["ae_title"] or "ANY-SCP")
+        uid = record["series_instance_uid"]
+        try:
+            if record["dicom_retrieve"] == "MOVE":
+                n = retrieve.move_series(loc, uid, destination_ae=self.config.dicom.ae_title,
+                                         calling_ae=self.config.dicom.ae_title)
+                self.index.update("dataobjects", {"status": f"{n} instance(s) moved; waiting for the series to "
+                                                            "complete at the node"}, id=record["id"])
+                return
+            work = self.uploads / f"get-{secrets.token_hex(6)}"
+            try:
+                n = retrieve.get_series(loc, uid, work / "series", calling_ae=self.config.dicom.ae_title)
+                if not n:
+                    raise retrieve.RetrieveFailed(f"{loc.ae_title} returned no instance of series {uid}")
+                self._file_series(record, work / "series", f"received {n} instance(s) by C-GET from "
+                                                          f"{loc.ae_title}")
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        except (retrieve.RetrieveFailed, OSError, ValueError) as exc:
+            log.warning("dataset %d: data object %d: %s", record["dataset"], record["id"], exc)
+            self.index.update("dataobjects", {"status": f"failed: {exc}"}, id=record["id"])
+
+    def attach_series(self, series_uid: str, folder: Path, sender: dict[str, Any]) -> bool:
+        """Give a series completed at the DICOM node to the datasets waiting for it (SEND, MOVE).
+
+        Returns False when no dataset waits for it: the node then makes it a job of its own.
+        """
+        waiting = [o for o in self.index.find("dataobjects", series_instance_uid=series_uid, is_fetched=False)
+                   if o.get("dicom_retrieve") in ("SEND", "MOVE")]
+        if not waiting:
+            return False
+        n = sum(1 for p in folder.iterdir() if p.suffix == ".dcm")
+        for k, record in enumerate(waiting):
+            source = folder
+            if k < len(waiting) - 1:  # several datasets wait for one series: each gets its own copy
+                source = self.uploads / f"copy-{secrets.token_hex(6)}"
+                shutil.copytree(folder, source)
+            self._file_series(record, source, f"received {n} instance(s) from {sender.get('calling_ae')}")
+        return True
+
+    def _file_series(self, record: dict[str, Any], series_dir: Path, status: str) -> None:
+        """Move a received series into its dataset and mark the data object fetched."""
+        ds_dir = self.root / str(record["dataset"])
+        if not ds_dir.is_dir():
+            raise OSError(f"dataset {record['dataset']} has expired")
+        token = secrets.token_hex(6)
+        os.rename(series_dir, ds_dir / token)
+        jobs.fsync_dir(ds_dir)
+        n = sum(1 for _ in (ds_dir / token).iterdir())
+        self.index.update("dataobjects", {"is_fetched": True, "folder": token, "file_name": "series.zip",
+                                          "status": status, "meta_data": {**(record.get("meta_data") or {}),
+                                                                          "instances": n}}, id=record["id"])
+        log.info("dataset %d: data object %d: %s", record["dataset"], record["id"], status)
 
     def object_record(self, owner: str, object_id: Any) -> dict[str, Any]:
-        found = self.index.find("dataobjects", id=_number(object_id, "data object"), owner=owner)
+        number = _number(object_id, "data object")
+        found = self.index.find("dataobjects", id=number, owner=owner) or \
+            self.index.find("dataobjects", id=number, owner=SITE)
         if not found:
             raise NotFound(f"data object {object_id}")
         return found[0]
@@ -340,7 +442,7 @@ class Datasets:
             if fields.get(key) in (None, ""):
                 raise InvalidInput(f"the field '{key}' is missing")
         alg = resolve(self.config, fields["algorithm"])  # UnknownAlgorithm: 404, as PlatiPy answers
-        ds = self.get(owner, fields["dataset"])
+        ds = self.get(owner, fields["dataset"], shared=False)
         settings: dict[str, Any] = {}
         if fields.get("config") not in (None, ""):
             try:
@@ -356,10 +458,16 @@ class Datasets:
         waiting = [o["id"] for o in inputs if not o["is_fetched"]]
         if waiting:
             raise InvalidInput(f"dataset {ds['id']} is not ready: data object(s) {waiting} have not arrived "
-                               "(DICOM retrieval is served once the DICOM node exists)")
+                               "(GET /api/dataset/ready/<id> says when they have)")
         folders = [self.root / str(ds["id"]) / o["folder"] for o in inputs]
+        extra: dict[str, Any] = {}
+        if ds.get("to_dicom_location") is not None:
+            loc = self.location(owner, ds["to_dicom_location"])
+            # The DICOM outputs go back by C-STORE, like a routed DICOM job's (the sender retries).
+            extra["destinations"] = [{"host": loc["host"], "port": loc["port"],
+                                      "ae_title": loc["ae_title"] or "ANY-SCP"}]
         manifest = jobs.submit(self.config.inbox, folders, algorithm=alg.name, settings=settings, source="http",
-                               how="link", dataset=str(ds["id"]), owner=owner, sender=sender)
+                               how="link", dataset=str(ds["id"]), owner=owner, sender=sender, extra=extra)
         self.index.record_job(manifest, "inbox")
         self._touch(ds, last_job=manifest.id)
         log.info("dataset %d: job %s triggered (%s)", ds["id"], manifest.id, alg.name)

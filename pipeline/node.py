@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,10 @@ class DicomNode:
         self._server: Any = None
         self._timer: threading.Thread | None = None
         self.port = config.dicom.port
+        # Doors waiting for a series (an HTTP dataset's SEND or MOVE input): called with the series UID, its
+        # folder and the sender when it completes; the first that takes the folder (returns True) gets it
+        # and no job is made of it.
+        self.claimers: list[Callable[[str, Path, dict[str, Any]], bool]] = []
 
     # -- lifecycle --
 
@@ -313,6 +319,16 @@ class DicomNode:
                     return
                 # Instances arrived meanwhile under a new staging folder: keep both, commit this one.
         state = series.state
+        for claimer in self.claimers:
+            try:
+                taken = claimer(state["series_instance_uid"], series.folder, state["sender"])
+            except Exception:
+                log.exception("dicom: series %s could not be handed to a waiting dataset", series.key[2])
+                taken = False
+            if taken:
+                shutil.rmtree(series.staging, ignore_errors=True)
+                log.info("dicom: series %s complete; taken by a waiting dataset", series.key[2])
+                return
         route = state["route"]
         manifest = jobs.JobManifest(
             id=series.job_id, algorithm=route["algorithm"], settings=route["settings"], source="dicom",

@@ -99,6 +99,9 @@ class Service:
         http = self._start_http(cfg, index)
         if http is not None:
             doors.append(http)
+            if cfg.dicom.enabled:
+                # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
+                node.claimers.append(http.datasets.attach_series)
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("service: %s received, stopping", signal.Signals(signum).name)
