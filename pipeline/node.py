@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import socketserver
 import threading
 import time
 import zlib
@@ -30,6 +31,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from . import gate, jobs
 from .config import Config, Route
@@ -130,10 +132,20 @@ class DicomNode:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
-            (evt.EVT_CONN_OPEN, self._on_connect),
         ]
         self._resume()
-        self._server = ae.start_server((dcfg.host, dcfg.port), block=False, evt_handlers=handlers)
+        allowed = {str(h) for h in dcfg.allowed_hosts}
+
+        class _Server(ThreadedAssociationServer):
+            def verify_request(self, request: Any, client_address: Any) -> bool:
+                # socketserver's hook: a peer not on the list is closed before any DICOM is spoken.
+                if allowed and client_address[0] not in allowed:
+                    log.warning("dicom: connection from %s refused (not in dicom.allowed_hosts)", client_address[0])
+                    return False
+                return True
+
+        self._server = ae.make_server((dcfg.host, dcfg.port), evt_handlers=handlers, server_class=_Server)
+        threading.Thread(target=self._server.serve_forever, name="dicom-node", daemon=True).start()
         self.port = self._server.server_address[1]
         self._timer = threading.Thread(target=self._run_timer, name="dicom-series-timer", daemon=True)
         self._timer.start()
@@ -143,18 +155,14 @@ class DicomNode:
         self._stop.set()
         self._wake.set()
         if self._server is not None:
-            self._server.shutdown()
+            # socketserver's own shutdown: pynetdicom's also unregisters from the AE, which never had it
+            # (we make the server ourselves, to refuse addresses before any DICOM is spoken).
+            socketserver.TCPServer.shutdown(self._server)
+            self._server.server_close()
         if self._timer is not None:
             self._timer.join(timeout=10)
 
     # -- handlers (pynetdicom turns an exception into a failure status; we choose the code ourselves) --
-
-    def _on_connect(self, event: Any) -> None:
-        allowed = self.config.dicom.allowed_hosts
-        address = event.assoc.requestor.address
-        if allowed and address not in allowed:
-            log.warning("dicom: connection from %s refused (not in dicom.allowed_hosts)", address)
-            event.assoc.abort()
 
     def _on_echo(self, event: Any) -> int:
         log.debug("dicom: C-ECHO from %s", event.assoc.requestor.ae_title)

@@ -118,7 +118,10 @@ class Service:
                     break
         finally:
             for door in doors:
-                door.stop()
+                try:
+                    door.stop()
+                except Exception:  # one door failing to stop must not keep the worker running
+                    log.exception("service: %s did not stop cleanly", type(door).__name__)
             worker.stop()
             thread.join()
         log.info("service: stopped")

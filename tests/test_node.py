@@ -92,7 +92,7 @@ def test_split_over_two_parallel_associations_and_sent_twice_is_still_one_job(no
     [job_dir] = node.done(1)
     assert len(list((job_dir / "input" / "series-1").iterdir())) == 16
     assert read_job(job_dir)["inputs"][0]["meta_data"]["instances"] == 16
-    node.stop(node.procs[0])
+    assert node.stop(node.procs[0]) == 0, "the service (node included) stops cleanly on SIGTERM"
     assert len(outbox_jobs(node.outbox)) == 1
 
 
@@ -306,3 +306,30 @@ def test_complete_on_release_and_a_late_instance_starts_a_new_job(node: Site, tm
     assert read_job(first)["inputs"][0]["meta_data"]["instances"] == 6
     assert read_job(late)["inputs"][0]["meta_data"]["instances"] == 1
     assert any("1 of the 6 images" in w for w in read_job(late)["warnings"])
+
+
+def test_address_not_on_the_allow_list_is_refused(node: Site, tmp_path: Path) -> None:
+    node.write_config(dicom={"allowed_hosts": ["192.0.2.10"]})  # a documentation address: never us
+    ct(tmp_path)
+    node.start()
+    refused = storescu(node, tmp_path / "ct", check=False)
+    assert refused.returncode != 0
+    node.write_config(dicom={"allowed_hosts": ["127.0.0.1"]})
+    node.stop(node.procs[0])
+    node.start()
+    storescu(node, tmp_path / "ct")
+    node.done(1)
+    assert "refused (not in dicom.allowed_hosts)" in node.service_log()
+
+
+def test_unrouted_series_is_ignored_when_configured(node: Site, tmp_path: Path) -> None:
+    node.write_config(dicom={"unrouted": "ignore", "routes": [{"called_ae": "LUNGS", "algorithm": "noop"}]})
+    ct(tmp_path, "a", slices=4)
+    node.start()
+    storescu(node, tmp_path / "a", called="OTHER")  # stored (success) but no route: nothing runs
+    storescu(node, tmp_path / "a", called="LUNGS")
+    [job_dir] = node.done(1)
+    assert read_job(job_dir)["sender"]["called_ae"] == "LUNGS"
+    assert "matches no route; ignored" in node.service_log()
+    staging = node.inbox / ".staging"
+    assert not staging.exists() or list(staging.iterdir()) == []
