@@ -76,8 +76,14 @@ def test_send_a_series_the_dataset_waits_for(both: HttpSite, tmp_path: Path) -> 
     ds = api(both, "POST", "/api/dataset")["id"]
     obj = api(both, "POST", "/api/dataobject", data={"dataset": ds, "type": "DICOM", "seriesUID": uid,
                                                       "dicom_retrieve": "SEND"})
-    assert obj["is_fetched"] is False
+    assert obj["is_fetched"] is False and "waiting for the series to be sent to POSTBOX" in obj["status"]
     assert api(both, "GET", f"/api/dataset/ready/{ds}") == {"ready": False}
+    early = requests.post(both.url + "/api/trigger", headers={"API_KEY": both.alice}, timeout=30,
+                          data={"dataset": ds, "algorithm": "body-lungs"})
+    assert early.status_code == 400 and "not ready" in early.json()["error"]
+    download = requests.get(both.url + f"/api/dataobject/download/{obj['id']}", headers={"API_KEY": both.alice},
+                            timeout=30)
+    assert download.status_code == 400 and "not been received" in download.json()["error"]
     storescu(both, folder)
     wait_ready(both, ds)
     assert api(both, "GET", f"/api/dataobject/{obj['id']}")["is_fetched"] is True

@@ -238,21 +238,17 @@ def test_data_object_routes(srv: HttpSite) -> None:
     error(alice("PUT", "/api/dataset"), 405, "")
 
 
-def test_dicom_retrieve_objects_wait_for_the_dicom_node(srv: HttpSite) -> None:
+def test_dicom_retrieve_refusals(srv: HttpSite) -> None:
+    # The waiting itself (SEND, MOVE, GET with a DICOM node) is tested in test_dicom_http.py.
     alice = Api(srv, srv.alice)
     ds = alice.dataset()["id"]
     uid = "1.2.826.0.1.3680043.8.498.1"
-    obj = alice.ok("POST", "/api/dataobject", data={"dataset": ds, "type": "DICOM", "dicom_retrieve": "SEND",
-                                                    "seriesUID": uid})
-    assert obj["type"] == "DICOM" and obj["series_instance_uid"] == uid and obj["is_fetched"] is False
-    assert obj["dicom_retrieve"] == "SEND" and "DICOM node" in obj["status"]
-    assert alice.ok("GET", f"/api/dataset/ready/{ds}") == {"ready": False}
-    error(alice("POST", "/api/trigger", data={"dataset": ds, "algorithm": "noop"}), 400, "not ready")
-    error(alice("GET", f"/api/dataobject/download/{obj['id']}"), 400, "not been received")
-    for fields, text in [({"dicom_retrieve": "FETCH", "seriesUID": uid}, "dicom_retrieve (SEND, MOVE or GET)"),
+    for fields, text in [({"dicom_retrieve": "SEND", "seriesUID": uid}, "needs this service's DICOM node"),
+                         ({"dicom_retrieve": "FETCH", "seriesUID": uid}, "dicom_retrieve (SEND, MOVE or GET)"),
                          ({"dicom_retrieve": "SEND", "seriesUID": "not a uid"}, "seriesUID must be a DICOM UID"),
                          ({"dicom_retrieve": "MOVE", "seriesUID": uid}, "from_dicom_location")]:
         error(alice("POST", "/api/dataobject", data={"dataset": ds, "type": "DICOM", **fields}), 400, text)
+    assert alice.ok("GET", f"/api/dataset/{ds}")["input_data_objects"] == []
 
 
 # --- runs -------------------------------------------------------------------------------------------
