@@ -141,6 +141,41 @@ def _no_leaked_threads() -> Iterator[None]:
     assert not leaked, f"threads leaked: {leaked}"
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves a child process running (a service, a dcmtk peer, an algorithm).
+
+    Processes of module-wide fixtures exist before the test starts and are not counted.
+    """
+    before = set(_children())
+    yield
+    leaked = wait_for_children_gone(before)
+    assert not leaked, f"child processes leaked: {leaked}"
+
+
+def _children() -> list[str]:
+    me = os.getpid()
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(stat.parent.name)
+    return found
+
+
+def wait_for_children_gone(before: set[str], timeout: float = 5.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [pid for pid in _children() if pid not in before]
+        if not left or time.monotonic() > deadline:
+            return [f"{pid}: {(Path('/proc') / pid / 'cmdline').read_bytes().replace(bytes(1), b' ').decode()[:80]}"
+                    for pid in left if (Path("/proc") / pid).exists()]
+        threading.Event().wait(0.05)
+
+
 def wait_for_quiet(before: set[threading.Thread]) -> list[str]:
     deadline = time.monotonic() + 5
     while True:
