@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline import jobs
 from pipeline.config import Config
-from pipeline.errors import PostboxError
+from pipeline.errors import InvalidInput, PostboxError
 from pipeline.index import Index
 from pipeline.logs import configure_logging
 
@@ -142,26 +142,33 @@ def _echo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(text: str | None) -> dict[str, Any] | None:
+    """``--settings`` as a JSON object (None when not given); InvalidInput (exit 2) otherwise."""
+    if not text:
+        return None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--settings is not JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise InvalidInput("--settings must be a JSON object")
+    return settings
+
+
+def _require_paths(paths: Sequence[Path]) -> None:
+    for path in paths:
+        if not path.exists():
+            raise InvalidInput(f"no such file or folder: {path}")
+
+
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.algorithms import merge_settings, resolve
 
     cfg = _config(args)
-    settings: dict[str, Any] = {}
-    if args.settings:
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as exc:
-            print(f"postbox: error: --settings is not JSON: {exc}", file=sys.stderr)
-            return 2
-        if not isinstance(settings, dict):
-            print("postbox: error: --settings must be a JSON object", file=sys.stderr)
-            return 2
+    settings = _settings(args.settings) or {}
+    _require_paths(args.path)
     alg = resolve(cfg, args.algorithm)  # refuse at the door, not later in the worker
     merge_settings(alg, settings)
-    for path in args.path:
-        if not path.exists():
-            print(f"postbox: error: no such file or folder: {path}", file=sys.stderr)
-            return 2
     manifest = jobs.submit(cfg.inbox, args.path, algorithm=alg.name, settings=settings, source="cli")
     Index(cfg.database).record_job(manifest, "inbox")
     print(manifest.id)
@@ -216,17 +223,8 @@ def _send(args: argparse.Namespace) -> int:
     if not args.key:
         print("postbox: error: give --key or set POSTBOX_API_KEY", file=sys.stderr)
         return 2
-    settings = None
-    if args.settings:
-        try:
-            settings = json.loads(args.settings)
-        except json.JSONDecodeError as exc:
-            print(f"postbox: error: --settings is not JSON: {exc}", file=sys.stderr)
-            return 2
-    for path in args.path:
-        if not path.exists():
-            print(f"postbox: error: no such file or folder: {path}", file=sys.stderr)
-            return 2
+    settings = _settings(args.settings)
+    _require_paths(args.path)
     try:
         with Client(args.host, args.port, args.key, args.algorithm, verify=args.verify) as client:
             dataset = client.add_dataset()
