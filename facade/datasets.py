@@ -146,7 +146,9 @@ class Datasets:
                 children.setdefault(o["parent"], []).append(self._object_json(o, []))
         locations = {k: self._location_or_none(record["owner"], record.get(k))
                      for k in ("from_dicom_location", "to_dicom_location")}
-        sent = self._sent(record.get("last_job"))
+        # Only a dataset with a location to send to (or a routed DICOM job) has sends to read.
+        sendable = record.get("to_dicom_location") is not None or record["owner"] == SITE
+        sent = sendable and self._sent(record.get("last_job"))
         return {
             "id": record["id"],
             "input_data_objects": [self._object_json(o, children.get(o["id"], [])) for o in objects if o["is_input"]],
