@@ -96,7 +96,7 @@ COMMAND_TOOL = textwrap.dedent('''
     inp, out, settings = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), json.load(open(sys.argv[3]))
     print("tool sees", sorted(p.name for p in inp.rglob("*") if p.is_file()))
     if settings["mode"] == "hang":
-        time.sleep(60)
+        time.sleep(60)  # the external tool hanging (its own behaviour, not a wait in the test)
     if settings["mode"] == "fail":
         sys.exit(3)
     (out / "mask.txt").write_text(settings["mode"] + ":" + ",".join(p.name for p in inp.rglob("*") if p.is_file()))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pydicom
+from _dicomtools import dciodvfy_errors
 from conftest import Site, read_job
 
 from pipeline import phantom
@@ -30,11 +30,6 @@ def bundled(site: Site, **extra: object) -> None:
     site.config["algorithms"].append({"name": "body-lungs", "function": "pipeline.bodylungs:segment",
                                       "default_settings": {"body_name": "body"}, **extra})
     site.write_config(default_algorithm="body-lungs")
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 def test_dicom_job_dropped_in_inbox_ends_with_checked_rtstruct_and_seg(site: Site, tmp_path: Path) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from _dicomtools import dciodvfy_errors
 
 from pipeline import phantom
 from pipeline.errors import InvalidInput
@@ -25,13 +24,6 @@ from pipeline.writers import (
 from pipeline.writers import outputs as outputs_module
 
 NAMES = phantom.structure_names()
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 Axial = tuple[Grid, Path, dict[str, np.ndarray], dict[str, Path]]

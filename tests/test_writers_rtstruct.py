@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from _dicomtools import dciodvfy_errors, dice, make_series
 
 from pipeline import phantom
 from pipeline.errors import InvalidInput
@@ -75,24 +75,6 @@ def rasterise(rtstruct: pydicom.Dataset, series_dir: Path, grid: Grid) -> dict[s
             volume[k] ^= even_odd_fill([polygon], grid.shape[1:])
         out[names[roi.ReferencedROINumber]] = volume
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
-
-
-def make_series(folder: Path, grid: Grid, **kwargs: object) -> tuple[Path, dict[str, np.ndarray]]:
-    series_dir = folder / "ct"
-    phantom.write_dicom(series_dir, grid, **kwargs)  # type: ignore[arg-type]
-    _, truth = phantom.sample(grid, noise=0.0)
-    return series_dir, {name: truth[name] for name in NAMES}
 
 
 @pytest.fixture(scope="module")

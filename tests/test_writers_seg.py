@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from _dicomtools import dciodvfy_errors, dice, make_series
 
 from pipeline import phantom
 from pipeline.errors import InvalidInput
@@ -20,24 +19,6 @@ from pipeline.writers.rtstruct import PALETTE, Structure
 from pipeline.writers.seg import segment_codes
 
 NAMES = phantom.structure_names()
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
-
-
-def make_series(folder: Path, grid: Grid, **kwargs: object) -> tuple[Path, dict[str, np.ndarray]]:
-    series_dir = folder / "ct"
-    phantom.write_dicom(series_dir, grid, **kwargs)  # type: ignore[arg-type]
-    _, truth = phantom.sample(grid, noise=0.0)
-    return series_dir, {name: truth[name] for name in NAMES}
 
 
 def read_back(path: Path, series_dir: Path, grid: Grid) -> tuple[hd.seg.Segmentation, dict[str, np.ndarray]]:
