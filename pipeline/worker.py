@@ -149,7 +149,9 @@ class Worker:
             m = claim.manifest
             if m.status in (jobs.JobStatus.DONE, jobs.JobStatus.FAILED):
                 # Written as finished, but the worker stopped before the move: complete the move.
-                jobs.finish(claim, cfg.outbox) if m.status == jobs.JobStatus.DONE else \
+                if m.status == jobs.JobStatus.DONE:
+                    jobs.finish(claim, cfg.outbox)
+                else:
                     jobs.fail(claim, cfg.outbox, m.error or "failed")
             elif m.attempts >= cfg.worker.max_attempts:
                 jobs.fail(claim, cfg.outbox, f"gave up after {m.attempts} attempt(s): the worker stopped "
@@ -184,14 +186,9 @@ class Worker:
                 raise InvalidInput(m.extra["refused"])
             alg = resolve(cfg, m.algorithm)
             settings = merge_settings(alg, m.settings)
-        except (InvalidInput, UnknownAlgorithm) as exc:
-            log.warning("job %s: refused: %s", claim.job_id, exc)
-            jobs.fail(claim, cfg.outbox, str(exc))
-            return
-        m.algorithm = alg.name
-        try:
+            m.algorithm = alg.name
             self._gate(claim)
-        except InvalidInput as exc:
+        except (InvalidInput, UnknownAlgorithm) as exc:
             log.warning("job %s: refused: %s", claim.job_id, exc)
             jobs.fail(claim, cfg.outbox, str(exc))
             return
