@@ -124,16 +124,23 @@ class Datasets:
         return found[0]
 
     def _adopt_site_jobs(self) -> None:
-        """Give each finished job of a door without keys a dataset of its own, once (stable ids)."""
+        """Give each of the latest finished jobs of the keyless doors a dataset of its own, once (stable ids).
+
+        Only the latest ``http.site_jobs``: an outbox of 10,000 DICOM jobs must not turn one listing into
+        10,000 records; older jobs keep the datasets they got while they were recent.
+        """
+        limit = self.config.http.site_jobs
+        if limit == 0:
+            return
+        recent = self.index.jobs(lambda r: r.get("owner") is None and r.get("location") == "outbox")[-limit:]
         known = {d.get("last_job") for d in self.index.find("datasets", owner=SITE)}
-        for rec in self.index.jobs(lambda r: r.get("owner") is None and r.get("location") == "outbox"):
-            if rec["id"] in known:
-                continue
-            # Kept as long as its job (expires 9999-12-31): the outbox's retention decides, not a timeout.
-            self.index.insert("datasets", {
-                "owner": SITE, "timestamp": rec["created"], "timeout_hours": 0.0, "expires": 253402300799.0,
-                "from_dicom_location": None, "to_dicom_location": None, "last_job": rec["id"],
-                "source": rec["source"]}, id_field="id", unless={"owner": SITE, "last_job": rec["id"]})
+        # Kept as long as its job (expires 9999-12-31): the outbox's retention decides, not a timeout.
+        records = [{"owner": SITE, "timestamp": rec["created"], "timeout_hours": 0.0, "expires": 253402300799.0,
+                    "from_dicom_location": None, "to_dicom_location": None, "last_job": rec["id"],
+                    "source": rec["source"]} for rec in recent if rec["id"] not in known]
+        if records:
+            self.index.insert_many("datasets", records, id_field="id",
+                                   unless=[{"owner": SITE, "last_job": r["last_job"]} for r in records])
 
     def describe(self, record: dict[str, Any]) -> dict[str, Any]:
         """The dataset as the API shows it (PlatiPy's fields; never the owner's key or a server path)."""
@@ -176,8 +183,9 @@ class Datasets:
     def owned(self, owner: str) -> list[dict[str, Any]]:
         """This key's datasets, then the site's (jobs from the folder, DICOM and CLI doors)."""
         self._adopt_site_jobs()
-        records = self.index.find("datasets", owner=owner) + self.index.find("datasets", owner=SITE)
-        return [self.describe(r) for r in records]
+        limit = self.config.http.site_jobs
+        site = sorted(self.index.find("datasets", owner=SITE), key=lambda r: r["last_job"])[-limit:] if limit else []
+        return [self.describe(r) for r in self.index.find("datasets", owner=owner) + site]
 
     def ready(self, record: dict[str, Any]) -> bool:
         """True once the dataset has inputs and every one of them has arrived (PlatiPy's meaning)."""

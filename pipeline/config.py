@@ -92,7 +92,8 @@ class HttpConfig:
 
     ``port: 0`` takes any free port (the service log says which). ``max_unpacked_mb`` and
     ``max_zip_entries`` bound what a zipped DICOM series may unpack to (zip bombs); ``sweep_seconds``
-    is how often expired datasets are looked for.
+    is how often expired datasets are looked for. ``site_jobs`` is how many of the latest jobs of the
+    keyless doors (folder, DICOM, CLI) ``GET /api/datasets`` lists beside a key's own.
     """
 
     host: str = field(default="127.0.0.1", metadata=_t(str))
@@ -103,8 +104,10 @@ class HttpConfig:
     max_zip_entries: int = field(default=10000, metadata=_t(int))
     threads: int = field(default=16, metadata=_t(int))
     sweep_seconds: float = field(default=60.0, metadata=_t(float))
+    site_jobs: int = field(default=100, metadata=_t(int))
 
     def __post_init__(self) -> None:
+        _positive("http.site_jobs", self.site_jobs, zero=True)
         if not 0 <= self.port < 65536:
             raise ConfigError("http.port", f"must be a TCP port (0 for any free one), not {self.port}")
         _positive("http.max_upload_mb", self.max_upload_mb)

@@ -190,3 +190,23 @@ def test_a_dicom_fed_job_is_listed_and_downloadable_over_http(both: HttpSite, tm
     res = requests.post(both.url + "/api/trigger", headers={"API_KEY": both.bob}, timeout=30,
                         data={"dataset": listed[0]["id"], "algorithm": "body-lungs"})
     assert res.status_code == 404
+
+
+def test_only_the_latest_site_jobs_are_listed(tmp_path: Path) -> None:
+    (tmp_path / "site").mkdir()
+    site = HttpSite(tmp_path / "site")
+    site.write_config(http={"site_jobs": 2})
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    ids = [site.cli("submit", str(payload)).stdout.strip() for _ in range(3)]
+    try:
+        site.start_http()
+        site.alice = site.key("alice")
+        site.done(3)
+        listed = wait_for(lambda: (lambda ds: ds if len(ds) == 2 and all(d["output_data_objects"] for d in ds)
+                                   else None)(api(site, "GET", "/api/datasets")), 20)
+        assert sorted(d["last_job"] for d in listed) == sorted(ids)[1:]
+        res = api(site, "GET", f"/api/dataobject/download/{listed[0]['output_data_objects'][0]['id']}")
+        assert res.content  # the site job's output downloads like any other
+    finally:
+        site.close()
