@@ -12,6 +12,7 @@ import logging
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from .dataobject import DataObject
 from .errors import AlgorithmFailed
 
 log = logging.getLogger(__name__)
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -47,7 +50,7 @@ class Child:
         self.alg = alg
         self.jobs = 0
         env = dict(os.environ, POSTBOX_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = _PACKAGE_ROOT
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline._child"],
@@ -224,9 +227,16 @@ def run_command(alg: AlgorithmConfig, job_id: str, input_dir: Path, working_dir:
         logfh.write(f"$ {shlex.join(argv)}\n".encode())
         logfh.flush()
         started = time.time()
+        exe = argv[0]
+        if not ((working_dir / exe).is_file() if os.sep in exe else shutil.which(exe)):
+            raise AlgorithmFailed(job_id, f"command {exe!r} cannot start: not found")
+        env = dict(os.environ, POSTBOX_PARENT_PID=str(os.getpid()))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logfh, stderr=subprocess.STDOUT,
-                                    cwd=working_dir, start_new_session=True)
+            # Through the _exec shim, so the command dies with this worker (a SIGKILL included).
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline._exec", *argv], stdin=subprocess.DEVNULL,
+                                    stdout=logfh, stderr=subprocess.STDOUT, cwd=working_dir, env=env,
+                                    start_new_session=True)
         except OSError as exc:
             raise AlgorithmFailed(job_id, f"command {argv[0]!r} cannot start: {exc.strerror}") from None
         deadline = time.monotonic() + timeout

@@ -154,3 +154,34 @@ def test_bundled_algorithm_settings_change_names(site: Site, tmp_path: Path) -> 
     assert (site.outbox / job_id / "output" / "External.nii.gz").exists()
     arr = sitk.GetArrayFromImage(sitk.ReadImage(str(site.outbox / job_id / "output" / "External.nii.gz")))
     assert np.unique(arr).tolist() == [0, 1]
+
+
+def test_a_command_dies_with_its_killed_worker(site: Site, tmp_path: Path) -> None:
+    (site.root / "hang.py").write_text(textwrap.dedent('''
+        import os, sys, time
+        open(sys.argv[1], "w").write(str(os.getpid()))
+        time.sleep(120)  # the tool's own long run, killed with its worker
+    '''))
+    site.config["algorithms"].append({"name": "hang", "command": [sys.executable, str(site.root / "hang.py"),
+                                                                  str(tmp_path / "pid")]})
+    site.write_config(default_algorithm="hang")
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    service = site.start()
+    site.cli("submit", str(payload))
+    pid = int(wait_for(lambda: (tmp_path / "pid").exists() and (tmp_path / "pid").read_text(), 30))
+    service.kill()
+    service.wait()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+             10, what="the command to die with its worker")
+
+
+def test_a_missing_command_fails_its_job_clearly(site: Site, tmp_path: Path) -> None:
+    site.config["algorithms"].append({"name": "nothere", "command": ["no-such-tool-anywhere", "{input}"]})
+    site.write_config(default_algorithm="nothere")
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    site.start()
+    job_id = site.cli("submit", str(payload)).stdout.strip()
+    site.done(1)
+    assert "command 'no-such-tool-anywhere' cannot start: not found" in read_job(site.outbox / job_id)["error"]
