@@ -18,5 +18,5 @@ def configure_logging(level: str = "INFO") -> None:
         root.addHandler(handler)
     root.setLevel(level.upper())
     # pynetdicom and watchdog chatter at INFO/DEBUG is protocol noise for a service log.
-    for noisy in ("watchdog", "pynetdicom", "filelock", "pydicom"):
+    for noisy in ("watchdog", "pynetdicom", "filelock", "pydicom", "highdicom"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
