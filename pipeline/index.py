@@ -261,6 +261,9 @@ class Index:
         """Create key ``name`` and return it; only its hash is stored, so it is shown once."""
         if not name or not name.strip():
             raise ValueError("a key needs a name")
+        if name.strip() == "*":
+            # "*" owns the HTTP datasets of the keyless doors (facade.datasets.SITE), which no key may own.
+            raise ValueError("'*' is reserved; choose another key name")
         if self.find("keys", name=name):
             raise ValueError(f"a key named '{name}' exists already")
         key = "pbx_" + secrets.token_urlsafe(24)

@@ -20,6 +20,8 @@ def test_keys_are_shown_once_and_stored_hashed(site: Site) -> None:
     assert key not in stored
     again = site.cli("manage", "key", "--add", "planning", check=False)
     assert again.returncode == 2 and "exists already" in again.stderr
+    reserved = site.cli("manage", "key", "--add", "*", check=False)
+    assert reserved.returncode == 2 and "reserved" in reserved.stderr
     site.cli("manage", "key", "--remove", "planning")
     assert "planning" not in site.cli("manage", "key", "--list").stdout
     assert site.cli("manage", "key", "--remove", "planning", check=False).returncode == 2
