@@ -104,7 +104,9 @@ class Index:
     def _open(self, path: Path, *, cached: bool = False) -> Iterator[TinyDB]:
         # TinyDB reads the whole file for every table operation and writes it for every change; ``cached``
         # makes the operations of one locked session share one read and one write (at close).
-        with FileLock(str(path) + ".lock", thread_local=False, preserve_lock_file=True):
+        # Held for a millisecond or two at a time, so poll often: filelock's default of 50 ms between tries
+        # turned every meeting of the HTTP door and the worker on one shard into a 50 ms stall.
+        with FileLock(str(path) + ".lock", thread_local=False, preserve_lock_file=True, poll_interval=0.001):
             db = TinyDB(str(path), storage=CachingMiddleware(AtomicJSONStorage) if cached else AtomicJSONStorage)
             try:
                 yield db

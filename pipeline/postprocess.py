@@ -40,7 +40,7 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
     Returns the outputs (the algorithm's, then the DICOM ones) and the check-back Dice per input and
     structure. Raises InvalidInput (from the writers) when masks cannot go on the series or the check fails.
     """
-    if not alg.outputs:
+    if not alg.outputs or not any(d.type == "DICOM" for d in inputs):
         return outputs, {}
     from .writers.outputs import write_dicom_outputs  # pydicom/highdicom/cv2: only for DICOM jobs
 
