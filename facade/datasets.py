@@ -1,7 +1,7 @@
 """Datasets, data objects and DICOM locations of the HTTP door: records in the index, files beside the inbox.
 
 A dataset is PlatiPy's unit of work: a client creates it, uploads inputs into it, triggers a run and
-downloads the outputs. Its records live in the index's main file (tables ``datasets``, ``dataobjects``,
+downloads the outputs. Its records live in the index (tables ``datasets``, ``dataobjects``,
 ``locations``), each carrying its owner's key *name*; its uploads live in ``<inbox>/.datasets/<id>/``, on
 the inbox's filesystem, so a trigger hard-links them into a job staged and committed by
 :func:`pipeline.jobs.submit` like any other. A run's outputs are read from its job folder in the outbox

@@ -31,7 +31,7 @@ from . import jobs as _jobs
 log = logging.getLogger(__name__)
 
 SHARDS = 32
-_SEQUENCE = "_sequence"  # the last id given out in each table of the main file
+_SEQUENCE = "_sequence"  # in each table's file: the last id given out there
 
 
 class AtomicJSONStorage(Storage):
@@ -91,12 +91,14 @@ def job_record(manifest: _jobs.JobManifest, location: str) -> dict[str, Any]:
 
 
 class Index:
-    """The index at ``path`` (main TinyDB file) and ``<path>.jobs/`` (job shards)."""
+    """The index at ``path`` (API keys), ``<path>.jobs/`` (job shards) and ``<path>.tables/`` (the rest)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.jobs_dir = self.path.with_name(self.path.name + ".jobs")
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.tables_dir = self.path.with_name(self.path.name + ".tables")
+        self.tables_dir.mkdir(parents=True, exist_ok=True)
 
     # -- plumbing --
 
@@ -112,6 +114,15 @@ class Index:
                 yield db
             finally:
                 db.close()
+
+    def _file(self, table: str) -> Path:
+        # API keys in the main file; each other table in a file of its own, so checking a key on every
+        # HTTP request never parses the datasets, and writers of different tables never wait on each other.
+        if table == "keys":
+            return self.path
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
+        return self.tables_dir / f"{table}.json"
 
     def _shard(self, job_id: str) -> Path:
         return self.jobs_dir / f"{zlib.crc32(job_id.encode()) % SHARDS:02d}.json"
@@ -200,7 +211,7 @@ class Index:
             log.info("index: repaired %d job entr%s from the folders", changed, "y" if changed == 1 else "ies")
         return changed
 
-    # -- other tables (datasets, data objects, DICOM locations): small, in the main file --
+    # -- other tables (datasets, data objects, DICOM locations, keys): one file each --
 
     def insert(self, table: str, record: dict[str, Any], *, id_field: str | None = None,
                unless: dict[str, Any] | None = None) -> int:
@@ -223,7 +234,7 @@ class Index:
     def insert_many(self, table: str, records: list[dict[str, Any]], *, id_field: str | None = None,
                     unless: list[dict[str, Any]] | None = None) -> list[int]:
         """``insert`` for several records at once, with one read and one write of the file."""
-        with self._open(self.path, cached=True) as db:
+        with self._open(self._file(table), cached=True) as db:
             tab = db.table(table)
             sequence = db.table(_SEQUENCE)
             is_this = Query()["table"] == table
@@ -244,17 +255,17 @@ class Index:
             return ids
 
     def find(self, table: str, **match: Any) -> list[dict[str, Any]]:
-        with self._open(self.path) as db:
+        with self._open(self._file(table)) as db:
             q = Query().fragment(match) if match else None
             docs = db.table(table).search(q) if q is not None else db.table(table).all()
         return [{**d, "doc_id": d.doc_id} for d in docs]
 
     def update(self, table: str, fields: dict[str, Any], **match: Any) -> int:
-        with self._open(self.path) as db:
+        with self._open(self._file(table)) as db:
             return len(db.table(table).update(fields, Query().fragment(match)))
 
     def remove(self, table: str, **match: Any) -> int:
-        with self._open(self.path) as db:
+        with self._open(self._file(table)) as db:
             return len(db.table(table).remove(Query().fragment(match)))
 
     # -- API keys: stored hashed --
