@@ -507,6 +507,14 @@ class Datasets:
                     "status": f"Running Algorithm: {manifest.algorithm}", "job": job_id}
         raise NotFound(f"job {job_id}")
 
+    def job_finished(self, manifest: jobs.JobManifest) -> None:
+        """The worker's hook: record a dataset run's outputs now, off the client's next request."""
+        if manifest.dataset is None or manifest.status != jobs.JobStatus.DONE:
+            return
+        found = self.index.find("datasets", id=_number(manifest.dataset, "dataset"))
+        if found and found[0].get("last_job") == manifest.id:
+            self._record_outputs(found[0], self.index.find("dataobjects", dataset=found[0]["id"]))
+
     def _record_outputs(self, ds: dict[str, Any], objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The outputs of the dataset's latest run, recorded when first seen once it is done (stable ids).
 

@@ -82,8 +82,10 @@ class Sender:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
-    def notify(self, job_id: str | None = None) -> None:
-        self._wake.set()
+    def notify(self, manifest: jobs.JobManifest | None = None) -> None:
+        """Wake up: a job with sends pending has finished (or, without a manifest, just look again)."""
+        if manifest is None or manifest.extra.get("sends"):
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -87,7 +87,7 @@ class Service:
             from .sender import Sender
 
             sender = Sender(cfg, index)
-            worker.on_finished = sender.notify
+            worker.finished_hooks.append(sender.notify)
             node = DicomNode(cfg, index)
             try:
                 node.start()
@@ -99,6 +99,8 @@ class Service:
         http = self._start_http(cfg, index)
         if http is not None:
             doors.append(http)
+            # A run's outputs become its dataset's data objects as it finishes, not on the client's next read.
+            worker.finished_hooks.append(http.datasets.job_finished)
             if cfg.dicom.enabled:
                 # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
                 node.claimers.append(http.datasets.attach_series)

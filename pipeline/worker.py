@@ -48,7 +48,9 @@ class Worker:
                                max_jobs_per_child=config.worker.max_jobs_per_child)
         self._executor = ThreadPoolExecutor(max_workers=config.worker.processes, thread_name_prefix="job")
         self.ready = threading.Event()
-        self.on_finished: Callable[[str], None] | None = None  # the sender's wake-up, when there is one
+        # Called with each job's manifest once it is done and in the outbox (the sender's wake-up, the HTTP
+        # door recording a dataset's outputs); a hook that fails is logged and never fails the job.
+        self.finished_hooks: list[Callable[[jobs.JobManifest], None]] = []
 
     # -- lifecycle --
 
@@ -217,8 +219,11 @@ class Worker:
             jobs.fail(claim, cfg.outbox, reason)
             return
         jobs.finish(claim, cfg.outbox, records)
-        if m.extra.get("sends") and self.on_finished is not None:
-            self.on_finished(claim.job_id)
+        for hook in self.finished_hooks:
+            try:
+                hook(m)
+            except Exception:
+                log.exception("job %s: a finished-job hook failed", claim.job_id)
         log.info("job %s: done in %.2f s", claim.job_id, m.timings["finished"] - m.timings["claimed"])
 
     def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig,
