@@ -32,6 +32,16 @@ def bundled(site: Site, **extra: object) -> None:
     site.write_config(default_algorithm="body-lungs")
 
 
+
+def drop_series(site: Site, tmp_path: Path, grid: phantom.Grid) -> Path:
+    """Start the service, copy a phantom series into its inbox by hand, and return the finished job."""
+    phantom.write_dicom(tmp_path / "ct", grid)
+    site.start()
+    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
+    [job_dir] = site.done(1, timeout=90)
+    return job_dir
+
+
 def test_dicom_job_dropped_in_inbox_ends_with_checked_rtstruct_and_seg(site: Site, tmp_path: Path) -> None:
     bundled(site, outputs=["rtstruct", "seg"],
             structures={"lung_left": {"name": "Lung_L", "color": [0, 255, 255], "type": "ORGAN"},
@@ -69,10 +79,7 @@ def test_mask_that_cannot_match_the_series_fails_the_job_with_a_clear_error(site
     (site.root / "wronggrid.py").write_text(MASK_ON_WRONG_GRID)
     site.config["algorithms"].append({"name": "wrong-grid", "function": "wronggrid:run", "outputs": ["rtstruct"]})
     site.write_config(default_algorithm="wrong-grid")
-    phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=6, size=32))
-    site.start()
-    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
-    [job_dir] = site.done(1, timeout=60)
+    job_dir = drop_series(site, tmp_path, phantom.axial_grid(slices=6, size=32))
     job = read_job(job_dir)
     assert job["status"] == "failed"
     assert "tumour" in job["error"]
@@ -119,10 +126,7 @@ def test_platipy_style_algorithm_writing_its_own_rtstruct(site: Site, tmp_path: 
     site.config["algorithms"].append({"name": "rs", "function": "rsservice:run",
                                       "default_settings": {"outputContourName": "auto_contour"}})
     site.write_config(default_algorithm="rs")
-    phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=10, size=64))
-    site.start()
-    shutil.copytree(tmp_path / "ct", site.inbox / "ct")
-    [job_dir] = site.done(1, timeout=60)
+    job_dir = drop_series(site, tmp_path, phantom.axial_grid(slices=10, size=64))
     job = read_job(job_dir)
     assert job["status"] == "done", (job_dir / "job.log").read_text()
     assert [(o["type"], o["path"]) for o in job["outputs"]] == [("DICOM", "output/RS.dcm")]
