@@ -513,9 +513,10 @@ class Datasets:
             return
         found = self.index.find("datasets", id=_number(manifest.dataset, "dataset"))
         if found and found[0].get("last_job") == manifest.id:
-            self._record_outputs(found[0], self.index.find("dataobjects", dataset=found[0]["id"]))
+            self._record_outputs(found[0], self.index.find("dataobjects", dataset=found[0]["id"]), manifest)
 
-    def _record_outputs(self, ds: dict[str, Any], objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _record_outputs(self, ds: dict[str, Any], objects: list[dict[str, Any]],
+                        manifest: jobs.JobManifest | None = None) -> list[dict[str, Any]]:
         """The outputs of the dataset's latest run, recorded when first seen once it is done (stable ids).
 
         ``objects`` are the dataset's records as read; returns the output records added to them.
@@ -523,10 +524,11 @@ class Datasets:
         job_id = ds.get("last_job")
         if not job_id or any(o.get("job") == job_id for o in objects):
             return []
-        try:
-            manifest = jobs.read_manifest(self.config.outbox / job_id)
-        except FileNotFoundError:
-            return []  # not finished yet
+        if manifest is None:  # the worker's hook passes the manifest it just wrote; a request reads it
+            try:
+                manifest = jobs.read_manifest(self.config.outbox / job_id)
+            except FileNotFoundError:
+                return []  # not finished yet
         if manifest.status != jobs.JobStatus.DONE or not manifest.outputs:
             return []
         parents = self._input_objects([o for o in objects if o["is_input"]], manifest)
