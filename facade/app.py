@@ -22,6 +22,7 @@ import bottle
 
 from pipeline.config import Config
 from pipeline.errors import InvalidInput, PostboxError, UnknownAlgorithm
+from pipeline.health import Health
 from pipeline.index import Index
 
 from . import openapi
@@ -103,9 +104,10 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield piece
 
 
-def make_app(config: Config, index: Index) -> bottle.Bottle:
-    """The Bottle application of one Postbox (no global default app)."""
+def make_app(config: Config, index: Index, health: Health | None = None) -> bottle.Bottle:
+    """The Bottle application of one Postbox (no global default app); ``health`` is the service's state."""
     app = bottle.Bottle(catchall=True)
+    health = health or Health()
     store = Datasets(config, index)
     app.install(_Translate())
     app.install(KeyAuth(index, lambda message: _error(401, message)))
@@ -114,9 +116,11 @@ def make_app(config: Config, index: Index) -> bottle.Bottle:
         return app.route(path, method=method, **options)
 
     @route("/api/health", auth=False)
-    def health() -> Any:
-        return json_response({"status": "ok", "service": "postbox", "version": VERSION,
-                              "max_upload_mb": config.http.max_upload_mb})
+    def health_check() -> Any:
+        # Degraded still answers 200: a full disk is not cured by a restart, so a supervisor must not restart.
+        problems = health.problems()
+        return json_response({"status": "degraded" if problems else "ok", "problems": problems,
+                              "service": "postbox", "version": VERSION, "max_upload_mb": config.http.max_upload_mb})
 
     @route("/api/openapi.json")
     def openapi_document() -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 from pipeline import jobs
 from pipeline.config import Config
 from pipeline.errors import InvalidInput, PostboxError
+from pipeline.health import is_disk_full
 from pipeline.index import Index
 from pipeline.logs import configure_logging
 
@@ -28,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
 
     manage = sub.add_parser("manage", help="set up and run the service")
     msub = manage.add_subparsers(dest="manage", required=True, metavar="ACTION")
-    msub.add_parser("initdb", help="create the index and rebuild it from the job folders")
+    initdb = msub.add_parser("initdb", help="create the index and rebuild it from the job folders")
+    initdb.add_argument("--repair", action="store_true",
+                        help="first move each damaged index file that the folders cannot rebuild (API keys, "
+                             "datasets, data objects, locations) aside under a dated name and start it afresh, "
+                             "losing what it held")
     key = msub.add_parser("key", help="add, list or remove API keys (stored hashed)")
     group = key.add_mutually_exclusive_group(required=True)
     group.add_argument("--add", metavar="NAME", help="create a key and print it (shown only once)")
@@ -98,6 +103,13 @@ def _manage(args: argparse.Namespace) -> int:
         return _echo(args)
     cfg = _config(args)
     index = Index(cfg.database)
+    if args.manage == "initdb" and args.repair:
+        for lost in index.repair_files():
+            print(f"postbox: {lost.file} was damaged ({lost.problem}); kept as {lost.aside} and started afresh: "
+                  f"lost {lost.lost}: {lost.remedy}", file=sys.stderr)
+    else:
+        # Issue 8: refuse (IndexDamaged, exit 2) before a damaged file is read as empty and written over.
+        index.check()
     if args.manage == "initdb":
         changed = index.repair(cfg.inbox, cfg.outbox)
         print(f"index ready at {cfg.database} ({changed} job entries updated from the folders)")
@@ -118,7 +130,7 @@ def _manage(args: argparse.Namespace) -> int:
     elif args.manage == "run":
         from pipeline.service import app
 
-        app.serve(cfg)
+        return app.serve(cfg)
     return 0
 
 
@@ -169,8 +181,15 @@ def _submit(args: argparse.Namespace) -> int:
     _require_paths(args.path)
     alg = resolve(cfg, args.algorithm)  # refuse at the door, not later in the worker
     merge_settings(alg, settings)
-    manifest = jobs.submit(cfg.inbox, args.path, algorithm=alg.name, settings=settings, source="cli")
-    Index(cfg.database).record_job(manifest, "inbox")
+    try:
+        manifest = jobs.submit(cfg.inbox, args.path, algorithm=alg.name, settings=settings, source="cli",
+                               index=Index(cfg.database))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # A failure at run time, not refused input (exit 1, not 2); jobs.submit left nothing behind.
+        print("postbox: error: no space left on the inbox's filesystem; nothing was submitted", file=sys.stderr)
+        return 1
     print(manifest.id)
     return 0
 

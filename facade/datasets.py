@@ -31,7 +31,7 @@ from typing import Any
 from pipeline import jobs
 from pipeline.algorithms import merge_settings, resolve
 from pipeline.config import Config, Destination
-from pipeline.errors import InvalidInput, PostboxError
+from pipeline.errors import DamagedManifest, InvalidInput, PostboxError
 from pipeline.index import Index
 
 from .uploads import Upload, safe_name, unpack_dicom_zip
@@ -175,10 +175,10 @@ class Datasets:
         if not job_id:
             return False
         try:
-            sends = jobs.read_manifest(self.config.outbox / job_id).extra.get("sends") or {}
-        except (FileNotFoundError, ValueError):
+            sends = jobs.read_manifest(self.config.outbox / job_id).sends
+        except (FileNotFoundError, DamagedManifest):
             return False
-        return bool(sends) and all(s.get("status") == "sent" for s in sends.values())
+        return bool(sends) and all(s.status == jobs.SendStatus.SENT for s in sends.values())
 
     def owned(self, owner: str) -> list[dict[str, Any]]:
         """This key's datasets, then the site's (jobs from the folder, DICOM and CLI doors)."""
@@ -470,15 +470,15 @@ class Datasets:
             raise InvalidInput(f"dataset {ds['id']} is not ready: data object(s) {waiting} have not arrived "
                                "(GET /api/dataset/ready/<id> says when they have)")
         folders = [self.root / str(ds["id"]) / o["folder"] for o in inputs]
-        extra: dict[str, Any] = {}
+        delivery = jobs.Delivery()
         if ds.get("to_dicom_location") is not None:
             loc = self.location(owner, ds["to_dicom_location"])
             # The DICOM outputs go back by C-STORE, like a routed DICOM job's (the sender retries).
-            extra["destinations"] = [{"host": loc["host"], "port": loc["port"],
-                                      "ae_title": loc["ae_title"] or "ANY-SCP"}]
+            delivery.destinations.append({"host": loc["host"], "port": loc["port"],
+                                          "ae_title": loc["ae_title"] or "ANY-SCP"})
         manifest = jobs.submit(self.config.inbox, folders, algorithm=alg.name, settings=settings, source="http",
-                               how="link", dataset=str(ds["id"]), owner=owner, sender=sender, extra=extra)
-        self.index.record_job(manifest, "inbox")
+                               how="link", index=self.index, dataset=str(ds["id"]), owner=owner, sender=sender,
+                               delivery=delivery)
         self._touch(ds, last_job=manifest.id)
         log.info("dataset %d: job %s triggered (%s)", ds["id"], manifest.id, alg.name)
         return manifest.id
@@ -491,7 +491,7 @@ class Datasets:
                 continue
             try:
                 manifest = jobs.read_manifest(job_dir)
-            except FileNotFoundError:
+            except (FileNotFoundError, DamagedManifest):  # moved, or being set aside: look again
                 continue
             if manifest.owner != owner:
                 break
@@ -527,18 +527,18 @@ class Datasets:
         if manifest is None:  # the worker's hook passes the manifest it just wrote; a request reads it
             try:
                 manifest = jobs.read_manifest(self.config.outbox / job_id)
-            except FileNotFoundError:
-                return []  # not finished yet
+            except (FileNotFoundError, DamagedManifest):
+                return []  # not finished yet, or set aside
         if manifest.status != jobs.JobStatus.DONE or not manifest.outputs:
             return []
         parents = self._input_objects([o for o in objects if o["is_input"]], manifest)
         records = []
         for out in manifest.outputs:
-            meta = dict(out.get("meta_data") or {})
+            meta = dict(out.meta_data)
             records.append({
-                "dataset": ds["id"], "owner": ds["owner"], "is_input": False, "type": out["type"],
-                "job": job_id, "output": out["path"], "file_name": Path(out["path"]).name,
-                "parent": parents.get(out.get("parent") or ""), "meta_data": meta, "timestamp": manifest.finished,
+                "dataset": ds["id"], "owner": ds["owner"], "is_input": False, "type": out.type,
+                "job": job_id, "output": out.path, "file_name": Path(out.path).name,
+                "parent": parents.get(out.parent or ""), "meta_data": meta, "timestamp": manifest.finished,
                 "is_fetched": False, "is_sent": False, "status": None,
                 "series_instance_uid": meta.get("series_instance_uid"), "folder": None,
             })
@@ -554,12 +554,12 @@ class Datasets:
         by_series = {o["series_instance_uid"]: o["id"] for o in inputs if o.get("series_instance_uid")}
         result: dict[str, int] = {}
         for item in manifest.inputs:
-            parts = Path(item["path"]).parts
-            uid = (item.get("meta_data") or {}).get("series_instance_uid")
+            parts = Path(item.path).parts
+            uid = item.meta_data.get("series_instance_uid")
             if uid in by_series:
-                result[item["id"]] = by_series[uid]
+                result[item.id] = by_series[uid]
             elif len(parts) > 1 and parts[1] in by_folder:
-                result[item["id"]] = by_folder[parts[1]]
+                result[item.id] = by_folder[parts[1]]
         return result
 
     # -- DICOM locations ----------------------------------------------------------------------------

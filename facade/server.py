@@ -22,6 +22,7 @@ from typing import Any
 from cheroot import wsgi
 
 from pipeline.config import Config
+from pipeline.health import Health
 from pipeline.index import Index
 
 from .app import make_app
@@ -132,10 +133,10 @@ class _Gateway(wsgi.Gateway_10):
 class HttpServer:
     """The HTTP door of one service: cheroot serving the Bottle app, and the sweep of expired datasets."""
 
-    def __init__(self, config: Config, index: Index) -> None:
+    def __init__(self, config: Config, index: Index, health: Health | None = None) -> None:
         self.config = config
         h = config.http
-        self.app = make_app(config, index)
+        self.app = make_app(config, index, health)
         self.datasets: Datasets = self.app.config["postbox.datasets"]
         guarded = BodyGuard(self.app, upload_limit=int(h.max_upload_mb * 1e6))
         self.server = wsgi.Server((h.host, h.port), guarded, numthreads=h.threads, max=h.threads,
@@ -169,9 +170,9 @@ class HttpServer:
             if self._stop.wait(self.config.http.sweep_seconds):
                 return
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
         self.server.stop()
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=timeout)
         log.info("http: stopped")

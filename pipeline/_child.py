@@ -101,7 +101,8 @@ def main() -> int:
             else:
                 message = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
-            answer = {"ok": False, "error": message}
+            # errno tells the worker a full disk (it waits for space) from the algorithm's own failure.
+            answer = {"ok": False, "error": message, "errno": exc.errno if isinstance(exc, OSError) else None}
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

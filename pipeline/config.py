@@ -76,9 +76,13 @@ class WorkerConfig:
     rescan_seconds: float = field(default=5.0, metadata=_t(float))
     keep_warm: bool = field(default=True, metadata=_t(bool))
     max_jobs_per_child: int = field(default=100, metadata=_t(int))
+    stop_timeout: float = field(default=10.0, metadata=_t(float))
+    disk_full_backoff_max: float = field(default=60.0, metadata=_t(float))
 
     def __post_init__(self) -> None:
         _positive("worker.processes", self.processes)
+        _positive("worker.stop_timeout", self.stop_timeout)
+        _positive("worker.disk_full_backoff_max", self.disk_full_backoff_max)
         _positive("worker.job_timeout", self.job_timeout)
         _positive("worker.max_attempts", self.max_attempts)
         _positive("worker.settle_seconds", self.settle_seconds, zero=True)
@@ -186,8 +190,8 @@ class DicomConfig:
             raise ConfigError("dicom.incomplete", f"must be 'fail' or 'run', not {self.incomplete!r}")
         if self.unrouted not in ("run", "ignore"):
             raise ConfigError("dicom.unrouted", f"must be 'run' or 'ignore', not {self.unrouted!r}")
-        if not 0 < self.port < 65536:
-            raise ConfigError("dicom.port", f"must be a TCP port, not {self.port}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError("dicom.port", f"must be a TCP port (0 for any free one), not {self.port}")
         if not 0 < len(self.ae_title.strip()) <= 16:
             raise ConfigError("dicom.ae_title", f"must be 1 to 16 characters, not {self.ae_title!r}")
         _positive("dicom.series_timeout", self.series_timeout)

@@ -64,3 +64,41 @@ class AlgorithmFailed(PostboxError):
 
     def __reduce__(self):
         return (type(self), (self.job_id, self.reason))
+
+
+class DamagedManifest(PostboxError):
+    """A job's job.yaml is not valid YAML or not a Postbox manifest; the job is set aside, never run."""
+
+    def __init__(self, job_id: str, problem: str) -> None:
+        super().__init__(f"job {job_id}: job.yaml is damaged ({problem})")
+        self.job_id = job_id
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.job_id, self.problem))
+
+
+class DiskFull(PostboxError):
+    """No space is left on the filesystem of the inbox; work waits until there is (never counts an attempt)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"no space left on the inbox's filesystem ({what})")
+        self.what = what
+
+    def __reduce__(self):
+        return (type(self), (self.what,))
+
+
+class IndexDamaged(PostboxError):
+    """An index file that the job folders cannot rebuild (API keys, datasets...) is damaged; it is left as it is."""
+
+    def __init__(self, file: str, holds: str, problem: str) -> None:
+        super().__init__(f"index file {file} is damaged ({problem}); it holds {holds}, which the job folders "
+                         f"cannot rebuild, so it is left as it is: restore it from a backup, or run "
+                         f"'postbox manage initdb --repair' to move it aside and start it afresh, losing {holds}")
+        self.file = file
+        self.holds = holds
+        self.problem = problem
+
+    def __reduce__(self):
+        return (type(self), (self.file, self.holds, self.problem))

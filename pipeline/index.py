@@ -9,14 +9,17 @@ on every update; one file of 10,000 jobs takes ~60 ms an update, a shard of a fe
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import secrets
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from tinydb.storages import Storage
 from tinydb.table import Document
 
 from . import jobs as _jobs
+from .errors import DamagedManifest, IndexDamaged
 
 log = logging.getLogger(__name__)
 
@@ -34,36 +38,91 @@ SHARDS = 32
 _SEQUENCE = "_sequence"  # in each table's file: the last id given out there
 
 
-class AtomicJSONStorage(Storage):
-    """TinyDB storage that replaces its file by rename, so a crash never leaves half a file."""
+# The files that the job folders cannot rebuild, by the table each holds: what it holds, and what to do
+# once it is lost (issue 8). Job shards are not here: ``Index.repair`` fills them again from the folders.
+_PRECIOUS: dict[str, tuple[str, str]] = {
+    "keys": ("the API keys", "make new ones with postbox manage key --add NAME"),
+    "datasets": ("the HTTP API's datasets", "clients create their datasets again; their jobs stay in the folders"),
+    "dataobjects": ("the HTTP API's data objects",
+                    "clients upload their inputs again; jobs and their outputs stay in the folders"),
+    "locations": ("the HTTP API's DICOM locations", "clients add their DICOM locations again"),
+}
 
-    def __init__(self, path: str) -> None:
+
+def _precious(table: str) -> tuple[str, str]:
+    return _PRECIOUS.get(table, (f"the table {table}", "add its records again"))
+
+
+class AtomicJSONStorage(Storage):
+    """TinyDB storage that replaces its file by rename, so a crash never leaves half a file.
+
+    Parameters
+    ----------
+    path
+        The file.
+    name
+        The file's name in messages: relative to the database's folder, never a server path.
+    holds
+        What the file holds that the job folders cannot rebuild (``"the API keys"``). Such a file, found
+        damaged, raises :class:`IndexDamaged` and is left as it is; TinyDB would otherwise take it for empty
+        and write over it. Without ``holds`` (a job shard) a damaged file is started afresh, and
+        ``Index.repair`` fills it again from the folders.
+    """
+
+    def __init__(self, path: str, *, name: str | None = None, holds: str | None = None) -> None:
         self.path = Path(path)
+        self.name = name or self.path.name
+        self.holds = holds
 
     def read(self) -> dict[str, dict[str, Any]] | None:
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                text = fh.read()
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
         except FileNotFoundError:
-            return None
-        if not text:
-            return None
+            return None  # a new index
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            # The index is rebuilt from the folders; a damaged file must not stop the service.
-            log.warning("index file %s is damaged; starting it afresh", self.path)
+            return _tables(raw)
+        except ValueError as exc:
+            if self.holds is not None:
+                raise IndexDamaged(self.name, self.holds, str(exc)) from None
+            # A job shard: the folders are the truth, and a damaged shard must not stop the service.
+            log.warning("index file %s is damaged (%s); starting it afresh", self.name, exc)
             return None
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            # dumps, not dump: json.dump encodes in pure Python, several times slower on a big index.
-            fh.write(json.dumps(data, separators=(",", ":")))
-        os.replace(tmp, self.path)
+        # dumps, not dump: json.dump encodes in pure Python, several times slower on a big index.
+        # atomic_write fsyncs the file, renames it over the old one and fsyncs the folder: the new content
+        # survives a power cut, where a rename alone could leave an empty file behind (issue 8).
+        # A job shard is rebuilt from the folders, so it skips the two fsyncs (they cost a job ~1 ms each).
+        _jobs.atomic_write(self.path, json.dumps(data, separators=(",", ":")).encode("utf-8"),
+                           durable=self.holds is not None)
 
     def close(self) -> None:
         pass
+
+
+def _tables(raw: bytes) -> dict[str, dict[str, Any]]:
+    """The tables in a file's bytes; ValueError saying what is wrong when they are not TinyDB's JSON."""
+    if not raw.strip():
+        raise ValueError("the file is empty")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(table, dict) for table in data.values()):
+        raise ValueError("not a JSON object of tables")
+    return data
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """A damaged index file that ``Index.repair_files`` moved aside and started afresh."""
+
+    file: str  # its name, relative to the database's folder
+    aside: str  # the damaged file's new name, beside it
+    problem: str  # what was wrong with it
+    lost: str  # what it held ("the API keys")
+    remedy: str  # what to do about the loss
 
 
 def hash_key(key: str) -> str:
@@ -86,7 +145,7 @@ def job_record(manifest: _jobs.JobManifest, location: str) -> dict[str, Any]:
         "error": manifest.error,
         "dataset": manifest.dataset,
         "owner": manifest.owner,
-        "sending": any(v.get("status") == "pending" for v in manifest.extra.get("sends", {}).values()),
+        "sending": manifest.sending,
     }
 
 
@@ -106,14 +165,89 @@ class Index:
     def _open(self, path: Path, *, cached: bool = False) -> Iterator[TinyDB]:
         # TinyDB reads the whole file for every table operation and writes it for every change; ``cached``
         # makes the operations of one locked session share one read and one write (at close).
-        # Held for a millisecond or two at a time, so poll often: filelock's default of 50 ms between tries
-        # turned every meeting of the HTTP door and the worker on one shard into a 50 ms stall.
-        with FileLock(str(path) + ".lock", thread_local=False, preserve_lock_file=True, poll_interval=0.001):
-            db = TinyDB(str(path), storage=CachingMiddleware(AtomicJSONStorage) if cached else AtomicJSONStorage)
+        storage = CachingMiddleware(AtomicJSONStorage) if cached else AtomicJSONStorage
+        with self._lock(path):
+            # TinyDB hands its keyword arguments on to the storage: the file's name and what it holds.
+            db = TinyDB(str(path), storage=storage, **self._describe(path))
             try:
                 yield db
             finally:
                 db.close()
+
+    @staticmethod
+    def _lock(path: Path) -> FileLock:
+        # Held for a millisecond or two at a time, so poll often: filelock's default of 50 ms between tries
+        # turned every meeting of the HTTP door and the worker on one shard into a 50 ms stall.
+        return FileLock(str(path) + ".lock", thread_local=False, preserve_lock_file=True, poll_interval=0.001)
+
+    def _describe(self, path: Path) -> dict[str, Any]:
+        """The file's name relative to the database's folder, and what it holds if the folders cannot rebuild it."""
+        if path == self.path:
+            return {"name": path.name, "holds": _precious("keys")[0]}
+        name = f"{path.parent.name}/{path.name}"
+        if path.parent == self.jobs_dir:
+            return {"name": name, "holds": None}
+        return {"name": name, "holds": _precious(path.stem)[0]}
+
+    def _precious_files(self) -> list[Path]:
+        """The files that exist and that the folders cannot rebuild: the main file (keys) and the tables."""
+        return [p for p in (self.path, *sorted(self.tables_dir.glob("*.json"))) if p.is_file()]
+
+    # -- damaged files (issue 8) --
+
+    def check(self) -> None:
+        """Make sure every file that the job folders cannot rebuild reads back (a file not made yet is fine).
+
+        Job shards are not read: ``repair`` rebuilds a damaged one from the folders.
+
+        Raises
+        ------
+        IndexDamaged
+            For the first damaged file (not JSON, empty, not an object of tables), which is left as it is.
+        """
+        for path in self._precious_files():
+            AtomicJSONStorage(str(path), **self._describe(path)).read()
+
+    def repair_files(self) -> list[SetAside]:
+        """Move each damaged file that the folders cannot rebuild aside, and start it afresh.
+
+        The damaged file keeps its bytes under a dated name beside it (``postbox.db.json.damaged-<UTC time>``),
+        so nothing is overwritten; what it held is lost unless restored from there or a backup. Job shards
+        are left to ``repair``.
+
+        Returns
+        -------
+        list of SetAside
+            One per file moved aside, saying what was lost and what to do, for the caller to tell (the CLI
+            prints one line each); empty when nothing was damaged.
+        """
+        stamp = f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}"
+        done = []
+        for path in self._precious_files():
+            described = self._describe(path)
+            storage = AtomicJSONStorage(str(path), **described)
+            with self._lock(path):  # no writer between the look and the move
+                try:
+                    storage.read()
+                    continue
+                except IndexDamaged as exc:
+                    problem = exc.problem
+                aside = path.with_name(f"{path.name}.damaged-{stamp}")
+                n = 1
+                while aside.exists():  # a second repair within the second
+                    n += 1
+                    aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+                os.rename(path, aside)
+                table = "keys" if path == self.path else path.stem  # see _file
+                # Ids are never reused (see ``insert``), and the damaged file held the last one given out: a
+                # data object or upload folder of a lost dataset must not meet a new dataset of the same id.
+                # Start past every id given out before: the time in milliseconds, which ids given out one
+                # by one since the index began (or since a repair) cannot have caught up with.
+                storage.write({_SEQUENCE: {"1": {"table": table, "last": time.time_ns() // 1_000_000}}})
+            lost, remedy = _precious(table)
+            done.append(SetAside(file=described["name"], aside=str(Path(described["name"]).with_name(aside.name)),
+                                 problem=problem, lost=lost, remedy=remedy))
+        return done
 
     def _file(self, table: str) -> Path:
         # API keys in the main file; each other table in a file of its own, so checking a key on every
@@ -199,8 +333,20 @@ class Index:
                 continue
             try:
                 manifest = _jobs.read_manifest(job_dir)
-            except (OSError, ValueError, TypeError) as exc:
-                log.warning("job %s: unreadable job.yaml while repairing the index: %s", job_id, exc)
+            except FileNotFoundError:
+                continue  # it moved meanwhile; whoever moved it records it where it went
+            except DamagedManifest as exc:
+                # One damaged job.yaml must never stop the start (issue 8). In the inbox, the worker sets the
+                # job aside when it claims it, under its lock; a finished one is set aside here.
+                if location == "outbox":
+                    with _jobs.finished_lock(inbox, job_id):
+                        _jobs.set_aside(job_dir, outbox, exc.problem, index=self)
+                else:
+                    log.warning("%s", exc)
+                continue
+            except OSError as exc:
+                log.warning("job %s: unreadable job.yaml while repairing the index (%s)", job_id,
+                            exc.strerror or type(exc).__name__)
                 continue
             new = job_record(manifest, location)
             if new != rec:

@@ -24,16 +24,17 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from filelock import FileLock, Timeout
 
+from .crashpoints import crash_point
 from .dataobject import DataObject
-from .errors import ClaimLost, InvalidInput
+from .errors import ClaimLost, DamagedManifest, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ LOG = "job.log"
 STAGING = ".staging"
 LOCKS = ".locks"
 DROPPED = "dropped"  # inside a staging folder: a hand-dropped item being turned into a job
+RECEIVING = "receiving.json"  # inside a staging folder: a door receiving into it (who sends, where it goes)
 
 _JOB_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{8}$")
 # Editors, browsers and copy tools write these while a file is not yet whole.
@@ -61,9 +63,155 @@ class JobStatus(str, Enum):
     FAILED = "failed"
 
 
+class SendStatus(str, Enum):
+    """Where a job's results are on their way to one destination."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+_KINDS = ("DICOM", "FILE")
+
+
 def now_iso() -> str:
     """The current UTC time as an ISO 8601 string."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _check_relative(job_id: str, rel: str) -> None:
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts:
+        raise ValueError(f"job {job_id}: path {rel!r} leaves the job folder")
+
+
+def _mapping(what: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a mapping, not {type(value).__name__}")
+    return dict(value)
+
+
+@dataclass
+class InputRecord:
+    """One input data object: a DICOM series folder or a file, at ``path`` relative to the job folder.
+
+    ``gate`` is the completeness verdict taken when the series was received (the DICOM node checks each
+    series as it completes), so the worker need not read every file again; None when not checked yet.
+    """
+
+    id: str
+    type: str
+    path: str
+    meta_data: dict[str, Any] = field(default_factory=dict)
+    gate: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in _KINDS:
+            raise ValueError(f"input {self.id}: type must be DICOM or FILE, not {self.type!r}")
+        _check_relative(self.id, self.path)
+        self.meta_data = _mapping(f"input {self.id}: meta_data", self.meta_data)
+        if self.gate is not None:
+            self.gate = [str(g) for g in self.gate]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputRecord:
+        meta = _mapping("input meta_data", data.get("meta_data"))
+        # 0.1.0 kept the node's verdict among the algorithm's meta_data.
+        gate = data.get("gate", meta.pop("gate", None))
+        return cls(id=str(data["id"]), type=data["type"], path=data["path"], meta_data=meta, gate=gate)
+
+
+@dataclass
+class OutputRecord:
+    """One output of a finished job, at ``path`` relative to the job folder; ``parent`` is an input's id."""
+
+    id: str
+    type: str
+    path: str
+    parent: str | None = None
+    meta_data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.type not in _KINDS:
+            raise ValueError(f"output {self.id}: type must be DICOM or FILE, not {self.type!r}")
+        _check_relative(self.id, self.path)
+        self.meta_data = _mapping(f"output {self.id}: meta_data", self.meta_data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputRecord:
+        return cls(id=str(data["id"]), type=data["type"], path=data["path"], parent=data.get("parent"),
+                   meta_data=_mapping("output meta_data", data.get("meta_data")))
+
+
+@dataclass
+class Delivery:
+    """Where a job's DICOM results go, and under which structure names.
+
+    ``destinations`` are names of ``dicom.destinations`` or inline peers ``{host, port, ae_title}`` (an HTTP
+    dataset's ``to_dicom_location``); ``structures`` maps a mask's name to ``{name, color, type}`` (a route's).
+    """
+
+    destinations: list[Any] = field(default_factory=list)
+    structures: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.destinations, (list, tuple)):
+            raise TypeError("delivery.destinations must be a list")
+        self.destinations = list(self.destinations)
+        for dest in self.destinations:
+            if isinstance(dest, Mapping):
+                if set(dest) != {"host", "port", "ae_title"}:
+                    raise ValueError(f"delivery destination {dict(dest)} needs exactly host, port and ae_title")
+            elif not isinstance(dest, str):
+                raise TypeError(f"delivery destination must be a name or a mapping, not {type(dest).__name__}")
+        self.structures = _mapping("delivery.structures", self.structures)
+
+    @staticmethod
+    def name_of(dest: Any) -> str:
+        """How a destination is named in ``sends``: its config name, or ``AE@host:port``."""
+        return dest if isinstance(dest, str) else f"{dest['ae_title']}@{dest['host']}:{dest['port']}"
+
+    def plan(self, outputs: list[OutputRecord]) -> dict[str, SendState]:
+        """A pending send to every destination, of every DICOM output."""
+        files = [o.path for o in outputs if o.type == "DICOM"]
+        return {self.name_of(d): SendState(target=None if isinstance(d, str) else dict(d),
+                                           files=dict.fromkeys(files)) for d in self.destinations}
+
+
+@dataclass
+class SendState:
+    """One destination's delivery of a job's results, file by file.
+
+    ``files`` maps each output's path to when the destination stored it (None: not yet), so that after a
+    partial delivery only what is missing goes again (issue 8).
+    """
+
+    status: SendStatus = SendStatus.PENDING
+    attempts: int = 0
+    next_try: float = 0.0
+    error: str | None = None
+    sent: str | None = None
+    target: dict[str, Any] | None = None
+    files: dict[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.status = SendStatus(self.status)
+        if not isinstance(self.attempts, int) or self.attempts < 0:
+            raise ValueError("send attempts must be a whole number >= 0")
+        self.next_try = float(self.next_try)
+        self.files = _mapping("send files", self.files)
+
+    @property
+    def missing(self) -> list[str]:
+        """The files the destination has not stored yet."""
+        return [path for path, when in self.files.items() if when is None]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SendState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -71,6 +219,8 @@ class JobManifest:
     """The content of job.yaml; valid once constructed.
 
     Paths of inputs and outputs are relative to the job folder, so a job stays whole when it moves.
+    ``refused`` is a reason found at the door that fails the job without running it (a hand drop with
+    an unreadable job.yaml of its own); ``checks`` the check-back Dice per input and structure.
     """
 
     id: str
@@ -79,8 +229,8 @@ class JobManifest:
     source: str = "folder"
     status: JobStatus = JobStatus.PENDING
     created: str = field(default_factory=now_iso)
-    inputs: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[dict[str, Any]] = field(default_factory=list)
+    inputs: list[InputRecord] = field(default_factory=list)
+    outputs: list[OutputRecord] = field(default_factory=list)
     attempts: int = 0
     started: str | None = None
     finished: str | None = None
@@ -90,7 +240,10 @@ class JobManifest:
     sender: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
     owner: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    refused: str | None = None
+    delivery: Delivery = field(default_factory=Delivery)
+    sends: dict[str, SendState] = field(default_factory=dict)
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _JOB_ID.match(self.id):
@@ -100,36 +253,78 @@ class JobManifest:
             raise TypeError(f"job {self.id}: settings must be a mapping, not {type(self.settings).__name__}")
         if not isinstance(self.attempts, int) or self.attempts < 0:
             raise ValueError(f"job {self.id}: attempts must be a whole number >= 0")
-        for item in self.inputs + self.outputs:
-            _check_relative(self.id, item.get("path", ""))
+        self.inputs = [i if isinstance(i, InputRecord) else InputRecord.from_dict(i) for i in self.inputs]
+        self.outputs = [o if isinstance(o, OutputRecord) else OutputRecord.from_dict(o) for o in self.outputs]
+        if not isinstance(self.delivery, Delivery):
+            self.delivery = Delivery(**_mapping(f"job {self.id}: delivery", self.delivery))
+        self.sends = {str(k): v if isinstance(v, SendState) else SendState.from_dict(v)
+                      for k, v in _mapping(f"job {self.id}: sends", self.sends).items()}
+        dicom_outputs = [o.path for o in self.outputs if o.type == "DICOM"]
+        for state in self.sends.values():
+            if not state.files:  # written by 0.1.0, which kept no state per file
+                delivered = state.sent if state.status == SendStatus.SENT else None
+                state.files = dict.fromkeys(dicom_outputs, delivered)
+        self.timings = {str(k): float(v) for k, v in _mapping(f"job {self.id}: timings", self.timings).items()}
+        self.sender = _mapping(f"job {self.id}: sender", self.sender)
+        self.checks = _mapping(f"job {self.id}: checks", self.checks)
+
+    @property
+    def sending(self) -> bool:
+        """Whether some destination still waits for files."""
+        return any(s.status == SendStatus.PENDING for s in self.sends.values())
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
+        for item in data["inputs"]:
+            if item["gate"] is None:  # a file, or a series not yet checked: nothing to say
+                del item["gate"]
+        for state in data["sends"].values():
+            state["status"] = SendStatus(state["status"]).value
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobManifest:
-        known = set(cls.__dataclass_fields__)
+        data = dict(data)
+        legacy = data.pop("extra", None)
+        if isinstance(legacy, Mapping):
+            # job.yaml as 0.1.0 wrote it: one untyped dict read by the index, the sender and the worker.
+            data.setdefault("delivery", {"destinations": legacy.get("destinations") or [],
+                                         "structures": legacy.get("structures") or {}})
+            data.setdefault("sends", legacy.get("sends") or {})
+            data.setdefault("checks", legacy.get("check_dice") or {})
+            data.setdefault("refused", legacy.get("refused"))
+        known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
     def from_yaml(cls, path: Path) -> JobManifest:
-        """Read a job.yaml; ValueError if it is not a Postbox manifest."""
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path} is not a job manifest")
-        return cls.from_dict(data)
+        """Read a job.yaml.
+
+        Raises
+        ------
+        FileNotFoundError
+            If there is none (the job moved, or is not a job).
+        DamagedManifest
+            If it is not valid YAML or not a Postbox manifest.
+        """
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            data = yaml.load(text, Loader=_Loader)
+            if not isinstance(data, Mapping):
+                raise ValueError("it is not a mapping of job fields")
+            return cls.from_dict(data)
+        except (yaml.YAMLError, ValueError, TypeError, KeyError) as exc:
+            raise DamagedManifest(path.parent.name, _one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _Dumper: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-
-
-def _check_relative(job_id: str, rel: str) -> None:
-    parts = Path(rel).parts
-    if Path(rel).is_absolute() or ".." in parts:
-        raise ValueError(f"job {job_id}: path {rel!r} leaves the job folder")
 
 
 # --- small file-system helpers ---------------------------------------------------------------
@@ -264,8 +459,15 @@ def _walk_inputs(root: Path) -> Iterable[Path]:
             yield p
 
 
+def series_input(number: int, folder: str, series_uid: str, instances: int, *, gate: list[str] | None = None,
+                 **meta: Any) -> InputRecord:
+    """The input record of one DICOM series in ``input/<folder>``: every door describes a series this way."""
+    return InputRecord(id=f"in-{number}", type="DICOM", path=f"{INPUT}/{folder}",
+                       meta_data={"series_instance_uid": series_uid, **meta, "instances": instances}, gate=gate)
+
+
 def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy", base: Path | None = None,
-                 skip: Iterable[Path] = ()) -> list[dict[str, Any]]:
+                 skip: Iterable[Path] = ()) -> list[InputRecord]:
     """Put input files into ``input_dir``, grouping DICOM files by series.
 
     Each DICOM series becomes one folder (``series-N``) and one DICOM data object; every other file
@@ -280,10 +482,10 @@ def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy",
     """
     skipped = {p.resolve() for p in skip}
     series: dict[str, Path] = {}
-    inputs: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
+    order: list[tuple[str, str]] = []  # ("DICOM", series uid) or ("FILE", relative path), as first met
     for src_root in sources:
-        root_base = base or (src_root.parent if src_root.is_dir() else src_root.parent)
+        root_base = base or src_root.parent
         for src in _walk_inputs(src_root):
             if src.resolve() in skipped:
                 continue
@@ -292,9 +494,7 @@ def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy",
                 if uid not in series:
                     series[uid] = input_dir / f"series-{len(series) + 1}"
                     series[uid].mkdir(parents=True)
-                    inputs.append({"id": f"in-{len(inputs) + 1}", "type": "DICOM",
-                                   "path": f"{INPUT}/{series[uid].name}",
-                                   "meta_data": {"series_instance_uid": uid}})
+                    order.append(("DICOM", uid))
                 dest = series[uid] / src.name
                 if dest.exists():  # two files of one series with one name in different folders
                     dest = series[uid] / f"{src.stem}-{secrets.token_hex(3)}{src.suffix}"
@@ -303,16 +503,13 @@ def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy",
                 rel = src.relative_to(root_base) if src.is_relative_to(root_base) else Path(src.name)
                 dest = input_dir / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                inputs.append({"id": f"in-{len(inputs) + 1}", "type": "FILE",
-                               "path": f"{INPUT}/{rel.as_posix()}", "meta_data": {}})
+                order.append(("FILE", rel.as_posix()))
             _transfer(src, dest, how)
-    for item in inputs:
-        uid = item["meta_data"].get("series_instance_uid")
-        if uid:
-            item["meta_data"]["instances"] = counts[uid]
-    if not inputs:
+    if not order:
         raise InvalidInput("no input files (hidden, temporary and partial files are ignored)")
-    return inputs
+    return [series_input(n, series[value].name, value, counts[value]) if kind == "DICOM"
+            else InputRecord(id=f"in-{n}", type="FILE", path=f"{INPUT}/{value}")
+            for n, (kind, value) in enumerate(order, 1)]
 
 
 def _transfer(src: Path, dest: Path, how: str) -> None:
@@ -328,7 +525,32 @@ def _transfer(src: Path, dest: Path, how: str) -> None:
     shutil.copy2(src, dest)
 
 
+# --- the index, as the protocol sees it ---------------------------------------------------------
+
+
+class JobIndex(Protocol):
+    """Where the protocol records each job it commits, claims or finishes (``pipeline.index.Index``)."""
+
+    def record_job(self, manifest: JobManifest, location: str) -> None: ...
+
+
+def _record(index: JobIndex | None, manifest: JobManifest, location: str) -> None:
+    if index is None:
+        return
+    try:
+        index.record_job(manifest, location)
+    except Exception as exc:  # the folders are the truth: the next repair brings the index back in line
+        log.warning("job %s: the index could not record it (%s); the folders stay the truth", manifest.id,
+                    type(exc).__name__)
+
+
 # --- staging and commit ----------------------------------------------------------------------
+#
+# A staging folder inbox/.staging/<id>/ is always in one of these states, and recover() knows each:
+#   input/ only            a door is writing it (an upload, a submit): the door commits or discards it
+#   receiving.json         a door receives into it over time (a DICOM series): that door resumes it
+#   dropped/               a hand-dropped item being turned into a job: recover() rebuilds the job
+#   job.yaml               complete: recover() commits it (the new record is written before the old goes)
 
 
 def stage(inbox: Path, job_id: str | None = None) -> Path:
@@ -336,21 +558,35 @@ def stage(inbox: Path, job_id: str | None = None) -> Path:
     job_id = job_id or new_job_id()
     sdir = inbox / STAGING / job_id
     (sdir / INPUT).mkdir(parents=True)
+    crash_point("stage")
     return sdir
 
 
-def commit(inbox: Path, staging_dir: Path, manifest: JobManifest) -> Path:
-    """Make a staged job visible in the inbox with one atomic rename; returns the job folder."""
+def commit(inbox: Path, staging_dir: Path, manifest: JobManifest, *, index: JobIndex | None = None) -> Path:
+    """Make a staged job visible in the inbox with one atomic rename, and record it; returns the job folder.
+
+    Its inputs and job.yaml are synced before the rename, so recover() can redo a commit that a crash
+    interrupted at any point; a commit finished meanwhile by another process's recover() is not an error.
+    """
     if staging_dir.name != manifest.id:
         raise ValueError(f"staging folder {staging_dir.name} does not match job {manifest.id}")
     manifest.status = JobStatus.PENDING
     manifest.timings["committed"] = time.time()
     fsync_tree(staging_dir / INPUT)
     write_manifest(staging_dir, manifest)
+    crash_point("commit.manifest")
+    (staging_dir / RECEIVING).unlink(missing_ok=True)
     job_dir = inbox / manifest.id
-    os.rename(staging_dir, job_dir)
+    try:
+        os.rename(staging_dir, job_dir)
+    except FileNotFoundError:
+        if not (job_dir / JOB_FILE).is_file():
+            raise
+        return job_dir  # committed by another process's recover() (two services on one inbox)
     fsync_dir(inbox)
+    crash_point("commit.renamed")
     log.info("job %s: committed (%s, algorithm %s)", manifest.id, manifest.source, manifest.algorithm or "default")
+    _record(index, manifest, "inbox")
     return job_dir
 
 
@@ -361,14 +597,14 @@ def discard(staging_dir: Path) -> None:
 
 def submit(inbox: Path, paths: Iterable[Path], *, algorithm: str | None = None,
            settings: Mapping[str, Any] | None = None, source: str = "cli", how: str = "copy",
-           **fields: Any) -> JobManifest:
+           index: JobIndex | None = None, **fields: Any) -> JobManifest:
     """Stage ``paths`` as the inputs of one new job and commit it."""
     sdir = stage(inbox)
-    manifest = JobManifest(id=sdir.name, algorithm=algorithm, settings=dict(settings or {}), source=source,
-                           **fields)
     try:
+        manifest = JobManifest(id=sdir.name, algorithm=algorithm, settings=dict(settings or {}), source=source,
+                               **fields)
         manifest.inputs = place_inputs([Path(p) for p in paths], sdir / INPUT, how=how)
-        commit(inbox, sdir, manifest)
+        commit(inbox, sdir, manifest, index=index)
     except BaseException:
         discard(sdir)
         raise
@@ -381,21 +617,23 @@ def _read_drop_request(item: Path) -> tuple[Path | None, dict[str, Any]]:
     if not item.is_dir() or not path.is_file():
         return None, {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) or {}
     except yaml.YAMLError as exc:
-        return path, {"refused": f"job.yaml is not valid YAML: {exc}"}
+        return path, {"refused": f"job.yaml is not valid YAML: {_one_line(exc)}"}
     if not isinstance(data, dict):
         return path, {"refused": "job.yaml must be a mapping with 'algorithm' and/or 'settings'"}
     unknown = set(data) - {"algorithm", "settings"}
     if unknown:
-        return path, {"refused": f"job.yaml has unknown key(s) {', '.join(sorted(unknown))} "
+        return path, {"refused": f"job.yaml has unknown key(s) {', '.join(sorted(map(str, unknown)))} "
                                  "(known: algorithm, settings)"}
     if not isinstance(data.get("settings", {}), dict):
         return path, {"refused": "job.yaml: settings must be a mapping"}
+    if data.get("algorithm") is not None and not isinstance(data["algorithm"], str):
+        return path, {"refused": "job.yaml: algorithm must be a name"}
     return path, {"algorithm": data.get("algorithm"), "settings": data.get("settings") or {}}
 
 
-def adopt(inbox: Path, item: Path) -> JobManifest | None:
+def adopt(inbox: Path, item: Path, *, index: JobIndex | None = None) -> JobManifest | None:
     """Turn a file or folder copied into the inbox by hand into one job.
 
     The item is first moved (one rename) into a staging folder, then linked into the job's input
@@ -411,10 +649,11 @@ def adopt(inbox: Path, item: Path) -> JobManifest | None:
         shutil.rmtree(sdir, ignore_errors=True)
         return None
     fsync_dir(inbox)
-    return _build_adopted(inbox, sdir)
+    crash_point("adopt.moved")
+    return _build_adopted(inbox, sdir, index)
 
 
-def _build_adopted(inbox: Path, sdir: Path) -> JobManifest:
+def _build_adopted(inbox: Path, sdir: Path, index: JobIndex | None) -> JobManifest:
     dropped = sdir / DROPPED
     items = list(dropped.iterdir())
     if (sdir / INPUT).exists():
@@ -422,46 +661,86 @@ def _build_adopted(inbox: Path, sdir: Path) -> JobManifest:
     (sdir / INPUT).mkdir()
     request_file, request = _read_drop_request(items[0]) if len(items) == 1 else (None, {})
     manifest = JobManifest(id=sdir.name, source="folder", algorithm=request.get("algorithm"),
-                           settings=request.get("settings", {}))
-    if "refused" in request:
-        manifest.extra["refused"] = request["refused"]
+                           settings=request.get("settings", {}), refused=request.get("refused"))
     try:
         manifest.inputs = place_inputs(items, sdir / INPUT, how="link", base=dropped,
                                        skip=[request_file] if request_file else [])
     except InvalidInput as exc:
         # Keep the drop: it becomes a failed job whose folder holds what was dropped (nothing is lost).
-        manifest.extra["refused"] = exc.reason
+        manifest.refused = exc.reason
         shutil.rmtree(sdir / INPUT)
         os.rename(dropped, sdir / INPUT)
         manifest.inputs = []
     write_manifest(sdir, manifest)
     shutil.rmtree(dropped, ignore_errors=True)
-    commit(inbox, sdir, manifest)
+    commit(inbox, sdir, manifest, index=index)
     return manifest
 
 
-def recover(inbox: Path) -> list[str]:
-    """Finish what a crash interrupted in the staging area; returns the ids of jobs committed.
+def recover(inbox: Path, outbox: Path, *, index: JobIndex | None = None) -> tuple[list[str], int]:
+    """Finish what a crash interrupted in the staging area.
 
-    A staged job with its manifest written is complete and is committed; a hand-dropped item
-    half way to a job is rebuilt from the item. Other staging folders belong to doors still
-    receiving (an HTTP upload, a DICOM series) and are left alone.
+    A staged job with its manifest written is complete and is committed; a hand-dropped item half way
+    to a job is rebuilt from the item; a damaged manifest is set aside. Folders a door is still writing
+    or receiving into are left to that door.
+
+    Returns
+    -------
+    tuple
+        The ids of the jobs committed, and how many staging folders could not be finished now (a full
+        disk, say): the caller tries again later.
     """
     done: list[str] = []
+    left = 0
     staging = inbox / STAGING
     if not staging.is_dir():
-        return done
+        return done, left
     for sdir in sorted(staging.iterdir()):
         if not is_job_id(sdir.name):
             continue
-        if (sdir / JOB_FILE).is_file():
-            manifest = read_manifest(sdir)
-            shutil.rmtree(sdir / DROPPED, ignore_errors=True)
-            commit(inbox, sdir, manifest)
-            done.append(sdir.name)
-        elif (sdir / DROPPED).is_dir():
-            done.append(_build_adopted(inbox, sdir).id)
-    return done
+        try:
+            if (sdir / JOB_FILE).is_file():
+                try:
+                    manifest = read_manifest(sdir)
+                except DamagedManifest as exc:
+                    set_aside(sdir, outbox, exc.problem, index=index)
+                    continue
+                shutil.rmtree(sdir / DROPPED, ignore_errors=True)
+                commit(inbox, sdir, manifest, index=index)
+                done.append(sdir.name)
+            elif (sdir / DROPPED).is_dir():
+                done.append(_build_adopted(inbox, sdir, index).id)
+        except FileNotFoundError:
+            if not (inbox / sdir.name).is_dir():  # else: committed by another process meanwhile
+                left += 1
+                log.error("staging: job %s could not be recovered now (a file vanished); trying again later",
+                          sdir.name)
+        except OSError as exc:
+            left += 1
+            log.error("staging: job %s could not be recovered now (%s); trying again later", sdir.name,
+                      exc.strerror or type(exc).__name__)
+    return done, left
+
+
+def set_aside(job_dir: Path, outbox: Path, problem: str, *, index: JobIndex | None = None) -> Path:
+    """Take a job whose job.yaml is damaged out of the way: failed, in the outbox, the damaged file kept.
+
+    The job never runs (what it asked for cannot be read); its folder keeps its inputs and the damaged
+    file as ``job.yaml.damaged`` for an operator to look at. The caller holds the job's lock if it has one.
+    """
+    job_id = job_dir.name
+    os.replace(job_dir / JOB_FILE, _unique(job_dir, f"{JOB_FILE}.damaged"))
+    manifest = JobManifest(id=job_id, source="unknown", status=JobStatus.FAILED, finished=now_iso(),
+                           error=f"job.yaml was damaged ({problem}); the job was set aside without running, "
+                                 "the damaged file kept as job.yaml.damaged")
+    write_manifest(job_dir, manifest)
+    dest = outbox / job_id
+    if job_dir != dest:
+        os.rename(job_dir, dest)
+        fsync_dir(outbox)
+    log.error("job %s: job.yaml is damaged (%s); set aside as failed in the outbox", job_id, problem)
+    _record(index, manifest, "outbox")
+    return dest
 
 
 # --- scanning ----------------------------------------------------------------------------------
@@ -508,6 +787,7 @@ class Claim:
     job_dir: Path
     manifest: JobManifest
     lock: FileLock
+    index: JobIndex | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -528,7 +808,7 @@ def lock_path(inbox: Path, name: str) -> Path:
 
 
 def try_lock(path: Path) -> FileLock | None:
-    """Take the OS lock at ``path`` without waiting; None if someone holds it."""
+    """Take the OS lock at ``path`` without waiting; None if someone holds it (OSError if it cannot be made)."""
     lock = FileLock(path, timeout=0, thread_local=False, preserve_lock_file=True)
     try:
         lock.acquire(blocking=False)
@@ -537,8 +817,12 @@ def try_lock(path: Path) -> FileLock | None:
     return lock
 
 
-def claim(inbox: Path, job_id: str) -> Claim | None:
-    """Lock job ``job_id``; None if another worker holds it or it has left the inbox."""
+def claim(inbox: Path, outbox: Path, job_id: str, *, index: JobIndex | None = None) -> Claim | None:
+    """Lock job ``job_id``; None if another process holds it, it has left the inbox, or it was set aside.
+
+    A job whose job.yaml is damaged is set aside (failed, in the outbox) under the lock, so it is dealt
+    with once and never stops the jobs behind it. OSError if the lock cannot be taken at all.
+    """
     lock = try_lock(lock_path(inbox, job_id))
     if lock is None:
         return None
@@ -548,22 +832,33 @@ def claim(inbox: Path, job_id: str) -> Claim | None:
     except FileNotFoundError:
         lock.release()  # finished by another worker between our scan and our lock
         return None
-    except (ValueError, TypeError, yaml.YAMLError) as exc:
-        log.error("job %s: unreadable job.yaml (%s); left in the inbox", job_id, exc)
-        lock.release()
+    except DamagedManifest as exc:
+        try:
+            set_aside(job_dir, outbox, exc.problem, index=index)
+        finally:
+            lock.release()
         return None
-    return Claim(job_id, job_dir, manifest, lock)
+    except BaseException:
+        lock.release()
+        raise
+    crash_point("claim")
+    return Claim(job_id, job_dir, manifest, lock, index)
 
 
-def start_attempt(claim: Claim) -> None:
-    """Count a new attempt and give it a clean working folder (a dead attempt's files are discarded)."""
+def start_attempt(claim: Claim, *, counted: bool = True) -> None:
+    """Count a new attempt and give it a clean working folder (a dead attempt's files are discarded).
+
+    ``counted=False`` starts it without counting: the previous attempt was given back by this process
+    (a full disk) but could not write that down.
+    """
     m = claim.manifest
     previous = m.status
-    m.attempts += 1
+    if counted:
+        m.attempts += 1
     for name in (WORK, OUTPUT):
         shutil.rmtree(claim.job_dir / name, ignore_errors=True)
     claim.work_dir.mkdir()
-    if previous == JobStatus.RUNNING:
+    if previous == JobStatus.RUNNING and counted:
         m.warnings.append(f"attempt {m.attempts - 1} did not finish (its worker stopped); started again")
     m.status = JobStatus.RUNNING
     m.started = now_iso()
@@ -574,6 +869,8 @@ def start_attempt(claim: Claim) -> None:
     # Not fsynced: a killed process leaves this in the page cache for the next worker to count; only a
     # power cut could lose it, and then the job simply runs again without the attempt counted.
     _save(claim, durable=False)
+    crash_point("start_attempt")
+    _record(claim.index, m, "inbox")
 
 
 def append_log(claim: Claim, line: str) -> None:
@@ -583,14 +880,19 @@ def append_log(claim: Claim, line: str) -> None:
 
 
 def requeue(claim: Claim, reason: str) -> None:
-    """Give a job back to the inbox untouched (service shutting down); the attempt does not count."""
+    """Give a job back to the inbox untouched (service stopping, disk full); the attempt does not count."""
     m = claim.manifest
+    if m.status == JobStatus.RUNNING:
+        m.attempts = max(0, m.attempts - 1)
     m.status = JobStatus.PENDING
-    m.attempts = max(0, m.attempts - 1)
-    shutil.rmtree(claim.work_dir, ignore_errors=True)
+    for name in (WORK, OUTPUT):  # also frees the space a full disk needs for this very write
+        shutil.rmtree(claim.job_dir / name, ignore_errors=True)
+    m.outputs = []
     with open(claim.log_path, "a", encoding="utf-8") as fh:
         fh.write(f"--- attempt interrupted: {reason} ---\n")
     _save(claim)
+    crash_point("requeue")
+    _record(claim.index, m, "inbox")
 
 
 def _save(claim: Claim, *, durable: bool = True) -> None:
@@ -609,7 +911,7 @@ def _unique(dest_dir: Path, name: str) -> Path:
     return dest
 
 
-def collect_outputs(claim: Claim, outputs: list[DataObject]) -> list[dict[str, Any]]:
+def collect_outputs(claim: Claim, outputs: list[DataObject]) -> list[OutputRecord]:
     """Move an algorithm's outputs into ``output/`` and describe them for the manifest."""
     out_dir = claim.job_dir / OUTPUT
     out_dir.mkdir(exist_ok=True)
@@ -627,25 +929,31 @@ def collect_outputs(claim: Claim, outputs: list[DataObject]) -> list[dict[str, A
             shutil.copytree(src, dest, symlinks=False)
         else:
             shutil.copy2(src, dest)
-        records.append({"id": obj.id or f"out-{i}", "type": obj.type,
-                        "path": dest.relative_to(claim.job_dir).as_posix(),
-                        "parent": obj.parent.id if obj.parent is not None else None,
-                        "meta_data": dict(obj.meta_data)})
+        records.append(OutputRecord(id=obj.id or f"out-{i}", type=obj.type,
+                                    path=dest.relative_to(claim.job_dir).as_posix(),
+                                    parent=obj.parent.id if obj.parent is not None else None,
+                                    meta_data=dict(obj.meta_data)))
     return records
 
 
-def update_finished(inbox: Path, outbox: Path, job_id: str, change: Callable[[JobManifest], None]) -> JobManifest:
-    """Change the manifest of a job in the outbox (send state), under the job's lock."""
-    lock = FileLock(lock_path(inbox, job_id), timeout=30, thread_local=False, preserve_lock_file=True)
-    with lock:
+def finished_lock(inbox: Path, job_id: str, timeout: float = 30) -> FileLock:
+    """The lock of a finished job: held while its job.yaml in the outbox changes (send state)."""
+    return FileLock(lock_path(inbox, job_id), timeout=timeout, thread_local=False, preserve_lock_file=True)
+
+
+def update_finished(inbox: Path, outbox: Path, job_id: str, change: Callable[[JobManifest], None], *,
+                    index: JobIndex | None = None) -> JobManifest:
+    """Change the manifest of a job in the outbox (send state), under the job's lock, and record it."""
+    with finished_lock(inbox, job_id):
         job_dir = outbox / job_id
         manifest = read_manifest(job_dir)
         change(manifest)
         write_manifest(job_dir, manifest)
+    _record(index, manifest, "outbox")
     return manifest
 
 
-def finish(claim: Claim, outbox: Path, outputs: list[dict[str, Any]] | None = None) -> Path:
+def finish(claim: Claim, outbox: Path, outputs: list[OutputRecord] | None = None) -> Path:
     """Record success and move the job to the outbox with one atomic rename."""
     m = claim.manifest
     if outputs is not None:
@@ -677,10 +985,13 @@ def _close(claim: Claim, outbox: Path, *, discard_work: bool) -> Path:
     if claim.log_path.exists():
         fsync_tree(claim.log_path)
     _save(claim)
+    crash_point("finish.manifest")
     dest = outbox / claim.job_id
     os.rename(claim.job_dir, dest)
     fsync_dir(outbox)
     fsync_dir(claim.job_dir.parent)
     claim.job_dir = dest
+    crash_point("finish.moved")
     log.info("job %s: %s after %d attempt(s)", claim.job_id, m.status.value, m.attempts)
+    _record(claim.index, m, "outbox")
     return dest

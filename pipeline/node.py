@@ -35,12 +35,15 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from . import gate, jobs
 from .config import Config, Route
+from .crashpoints import crash_point
 from .errors import InvalidInput
+from .health import DISK_FULL, Health, Throttle, is_disk_full
 from .index import Index
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "dicom-series.json"  # in a series' staging folder: who sent it, where it goes
+STATE_FILE = jobs.RECEIVING  # in a series' staging folder: who sent it, where it goes
+_LEGACY_STATE_FILE = "dicom-series.json"  # what 0.1.0 called it: series in flight across an upgrade resume too
 SERIES_DIR = "series-1"
 
 # pynetdicom's storage status table: only Failure codes refuse (0xB0xx would read as stored).
@@ -69,6 +72,9 @@ class _Series:
     instances: int = 0
     associations: set[int] = field(default_factory=set)
     held: bool = False
+    verdict: list[str] = field(default_factory=list)  # the completeness gate's problems, empty when whole
+    failures: int = 0  # commits that failed (a full disk): tried again with backoff, never dropped
+    retry_at: float = 0.0
 
     @property
     def folder(self) -> Path:
@@ -96,10 +102,13 @@ def _headers(raw: bytes, transfer_syntax: str) -> Any:
 class DicomNode:
     """The C-STORE/C-ECHO SCP of one Postbox."""
 
-    def __init__(self, config: Config, index: Index | None = None) -> None:
+    def __init__(self, config: Config, index: Index | None = None, health: Health | None = None) -> None:
         self.config = config
         self.index = index or Index(config.database)
+        self.health = health or Health()
         self._series: dict[tuple[str, str, str], _Series] = {}
+        self._retrying: list[_Series] = []  # complete series whose commit failed: tried again, never dropped
+        self._throttle = Throttle(60.0)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -133,7 +142,6 @@ class DicomNode:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
-        self._resume()
         allowed = {str(h) for h in dcfg.allowed_hosts}
 
         class _Server(ThreadedAssociationServer):
@@ -145,13 +153,16 @@ class DicomNode:
                 return True
 
         self._server = ae.make_server((dcfg.host, dcfg.port), evt_handlers=handlers, server_class=_Server)
+        # Only once the port is ours: a second service on this inbox, whose port was taken, must not take
+        # over the series the first one is receiving.
+        self._resume()
         threading.Thread(target=self._server.serve_forever, name="dicom-node", daemon=True).start()
         self.port = self._server.server_address[1]
         self._timer = threading.Thread(target=self._run_timer, name="dicom-series-timer", daemon=True)
         self._timer.start()
         log.info("dicom: node %s listening on %s:%d", dcfg.ae_title, dcfg.host, self.port)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
         if self._server is not None:
@@ -160,7 +171,7 @@ class DicomNode:
             socketserver.TCPServer.shutdown(self._server)
             self._server.server_close()
         if self._timer is not None:
-            self._timer.join(timeout=10)
+            self._timer.join(timeout=timeout)
 
     # -- handlers (pynetdicom turns an exception into a failure status; we choose the code ourselves) --
 
@@ -199,14 +210,15 @@ class DicomNode:
                 try:
                     series = self._new_series(key, assoc, called, route, attributes)
                 except OSError as exc:
-                    log.error("dicom: cannot stage series %s: %s", series_uid, exc)
+                    self._refused_write(series_uid, exc)
                     return OUT_OF_RESOURCES
             series.writing += 1
             series.associations.add(id(assoc))
             series.last = time.monotonic()
+        stored = False
+        target = series.folder / f"{sop_uid}.dcm"
+        tmp = series.folder / f".{sop_uid}.{secrets.token_hex(3)}.tmp"
         try:
-            target = series.folder / f"{sop_uid}.dcm"
-            tmp = series.folder / f".{sop_uid}.{secrets.token_hex(3)}.tmp"
             with open(tmp, "wb") as fh:
                 # The bytes as received behind a Part 10 header; the same as encoded_dataset(include_meta=True)
                 # without copying half a megabyte twice more per instance.
@@ -217,16 +229,33 @@ class DicomNode:
                     # Start writing it to disk now, so the fsync at commit finds little left to do.
                     os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             os.replace(tmp, target)  # a resent instance replaces the earlier copy
+            stored = True
         except OSError as exc:
-            log.error("dicom: cannot store an instance of series %s: %s", series_uid, exc)
             tmp.unlink(missing_ok=True)
+            self._refused_write(series_uid, exc)
             return OUT_OF_RESOURCES
         finally:
             with self._lock:
                 series.writing -= 1
-                series.instances += 1
+                series.instances += stored
                 series.last = time.monotonic()
+                if not stored and series.instances == 0 and series.writing == 0 \
+                        and self._series.get(key) is series:
+                    # Nothing of it was acknowledged: a refused first instance leaves no staging folder.
+                    del self._series[key]
+                    jobs.discard(series.staging)
+        crash_point("node.stored")
+        if self.health.has(DISK_FULL):
+            self.health.clear(DISK_FULL)
         return 0x0000
+
+    def _refused_write(self, series_uid: str, exc: OSError) -> None:
+        """An instance refused with 0xA700 because it could not be written; said once a minute."""
+        if is_disk_full(exc):
+            self.health.report(DISK_FULL, "the DICOM node refuses instances (0xA700) until there is space")
+        if self._throttle.due(f"store-{exc.errno}"):
+            log.error("dicom: instances refused (0xA700): cannot store them (%s); series %s",
+                      exc.strerror or type(exc).__name__, series_uid)
 
     def _on_end(self, event: Any) -> None:
         ident = id(event.assoc)
@@ -258,8 +287,13 @@ class DicomNode:
             "route": {"algorithm": route.algorithm, "settings": dict(route.settings),
                       "destinations": list(route.destinations), "structures": dict(route.structures)},
         }
-        (staging / jobs.INPUT / SERIES_DIR).mkdir()
-        jobs.atomic_write(staging / STATE_FILE, json.dumps(state).encode())
+        try:
+            (staging / jobs.INPUT / SERIES_DIR).mkdir()
+            jobs.atomic_write(staging / STATE_FILE, json.dumps(state).encode())
+        except BaseException:
+            jobs.discard(staging)
+            raise
+        crash_point("node.staged")
         series = _Series(key, staging.name, staging, state, time.monotonic())
         self._series[key] = series
         log.info("dicom: series %s of study %s from %s (called %s) -> job %s, algorithm %s", key[2], key[1],
@@ -267,18 +301,26 @@ class DicomNode:
         return series
 
     def _resume(self) -> None:
-        """Pick up series a previous run was receiving: their timers start again from now."""
+        """Pick up series a previous run was receiving: their timers start again from now.
+
+        A staging folder with a job.yaml is a commit a crash interrupted; ``jobs.recover`` finishes those.
+        """
         staging = self.config.staging
         if not staging.is_dir():
             return
         for sdir in sorted(staging.iterdir()):
-            state_file = sdir / STATE_FILE
-            if not state_file.is_file() or (sdir / jobs.JOB_FILE).exists():
+            state_file = next((sdir / n for n in (STATE_FILE, _LEGACY_STATE_FILE) if (sdir / n).is_file()), None)
+            if state_file is None or (sdir / jobs.JOB_FILE).exists():
                 continue
-            state = json.loads(state_file.read_text())
-            key = (state["sender"]["calling_ae"], state["study_instance_uid"], state["series_instance_uid"])
+            try:
+                state = json.loads(state_file.read_text())
+                key = (state["sender"]["calling_ae"], state["study_instance_uid"], state["series_instance_uid"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("dicom: staging folder %s has an unreadable %s (%s); left for an operator", sdir.name,
+                          state_file.name, type(exc).__name__)
+                continue
             series = _Series(key, sdir.name, sdir, state, time.monotonic())
-            series.instances = sum(1 for p in series.folder.glob("*.dcm"))
+            series.instances = sum(1 for _ in series.folder.glob("*.dcm")) if series.folder.is_dir() else 0
             self._series[key] = series
             log.info("dicom: resumed series %s (%d instances) as job %s", key[2], series.instances, sdir.name)
 
@@ -305,27 +347,34 @@ class DicomNode:
                     due.append(series)
                 else:
                     wait = min(wait, max(0.01, timeout - idle))
+        for series in list(self._retrying):
+            if series.retry_at <= now:
+                self._retrying.remove(series)
+                due.append(series)
+            else:
+                wait = min(wait, series.retry_at - now)
         for series in due:
-            self._complete(series)
+            try:
+                self._complete(series)
+            except Exception as exc:
+                # Whatever was acknowledged stays in its staging folder and is tried again, with backoff,
+                # until its job exists (issue 8); a restart resumes it too.
+                series.failures += 1
+                delay = min(self.config.worker.disk_full_backoff_max, 0.5 * 2 ** series.failures)
+                series.retry_at = time.monotonic() + delay
+                self._retrying.append(series)
+                wait = min(wait, delay)
+                if is_disk_full(exc):
+                    self.health.report(DISK_FULL, "the DICOM node cannot commit received series")
+                if series.failures == 1 or self._throttle.due(f"commit-{series.job_id}"):
+                    log.error("dicom: series %s could not become job %s (%s); trying again in %.1f s", series.key[2],
+                              series.job_id, exc.strerror if isinstance(exc, OSError) else exc, delay)
         return wait
 
     def _complete(self, series: _Series) -> None:
-        found: list[str] = []
-        try:
-            found = gate.problems(series.folder)
-        except InvalidInput as exc:
-            found = [exc.reason]
-        if found and not series.held:
-            # Hold once more in case the rest is still coming (a resend, a second association).
-            series.held = True
-            series.last = time.monotonic()
-            with self._lock:
-                if series.key not in self._series:
-                    self._series[series.key] = series
-                    log.info("dicom: series %s incomplete (%s); holding for another %.0f s", series.key[2],
-                             gate.summary(found), self.config.dicom.series_timeout)
-                    return
-                # Instances arrived meanwhile under a new staging folder: keep both, commit this one.
+        if series.failures == 0:
+            if not self._gate_passes(series):
+                return
         state = series.state
         for claimer in self.claimers:
             try:
@@ -337,24 +386,45 @@ class DicomNode:
                 shutil.rmtree(series.staging, ignore_errors=True)
                 log.info("dicom: series %s complete; taken by a waiting dataset", series.key[2])
                 return
+        n = sum(1 for _ in series.folder.glob("*.dcm")) if series.folder.is_dir() else 0
+        if n == 0:
+            # Staged, but no instance was stored (and none acknowledged): there is nothing to run.
+            jobs.discard(series.staging)
+            log.info("dicom: series %s ended with no instance stored; nothing to do", series.key[2])
+            return
         route = state["route"]
         manifest = jobs.JobManifest(
             id=series.job_id, algorithm=route["algorithm"], settings=route["settings"], source="dicom",
             sender=state["sender"],
-            inputs=[{"id": "in-1", "type": "DICOM", "path": f"{jobs.INPUT}/{SERIES_DIR}",
-                     "meta_data": {"series_instance_uid": state["series_instance_uid"],
-                                   "study_instance_uid": state["study_instance_uid"],
-                                   "modality": state["modality"], "instances": series.instances}}],
-            extra={"destinations": route["destinations"], "structures": route["structures"]},
+            # The worker takes the gate's verdict from here rather than reading every file again.
+            inputs=[jobs.series_input(1, SERIES_DIR, state["series_instance_uid"], n, gate=series.verdict,
+                                      study_instance_uid=state["study_instance_uid"], modality=state["modality"])],
+            delivery=jobs.Delivery(destinations=route["destinations"], structures=route["structures"]),
         )
-        n = sum(1 for _ in series.folder.glob("*.dcm"))
-        manifest.inputs[0]["meta_data"]["instances"] = n
-        # The worker takes the gate's verdict from here rather than reading every file again.
-        manifest.inputs[0]["meta_data"]["gate"] = found
-        (series.staging / STATE_FILE).unlink(missing_ok=True)
-        jobs.commit(self.config.inbox, series.staging, manifest)
-        self.index.record_job(manifest, "inbox")
+        crash_point("node.complete")
+        jobs.commit(self.config.inbox, series.staging, manifest, index=self.index)
+        if series.failures:
+            self.health.clear(DISK_FULL)
         log.info("dicom: series %s complete with %d instances -> job %s", series.key[2], n, series.job_id)
+
+    def _gate_passes(self, series: _Series) -> bool:
+        """Run the completeness gate; False if the series is held once more for the rest to arrive."""
+        try:
+            series.verdict = gate.problems(series.folder)
+        except InvalidInput as exc:
+            series.verdict = [exc.reason]
+        if series.verdict and not series.held:
+            # Hold once more in case the rest is still coming (a resend, a second association).
+            series.held = True
+            series.last = time.monotonic()
+            with self._lock:
+                if series.key not in self._series:
+                    self._series[series.key] = series
+                    log.info("dicom: series %s incomplete (%s); holding for another %.0f s", series.key[2],
+                             gate.summary(series.verdict), self.config.dicom.series_timeout)
+                    return False
+                # Instances arrived meanwhile under a new staging folder: keep both, commit this one.
+        return True
 
 
 def _safe_uid(uid: str) -> bool:

@@ -23,11 +23,18 @@ from typing import Any
 
 from .config import AlgorithmConfig
 from .dataobject import DataObject
-from .errors import AlgorithmFailed
+from .errors import AlgorithmFailed, DiskFull, PostboxError
+from .health import free_bytes, is_disk_full_errno
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+# A command that fails while its filesystem has less than this free most likely failed for want of space.
+_NEARLY_FULL = 1 << 20
+
+
+class PoolClosed(PostboxError):
+    """The pool is closed: the worker is stopping, so a job is given back rather than started."""
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -146,7 +153,7 @@ class ChildPool:
     def take(self, alg: AlgorithmConfig) -> Child:
         with self._lock:
             if self._closed:
-                raise RuntimeError("the worker is stopping")
+                raise PoolClosed("the worker is stopping")
             idle = self._idle.get(alg.name, [])
             while idle:
                 child = idle.pop()
@@ -199,6 +206,9 @@ def run_python(pool: ChildPool, alg: AlgorithmConfig, job_id: str, inputs: list[
         raise
     pool.give_back(child)
     if not reply.get("ok"):
+        if is_disk_full_errno(reply.get("errno")):
+            # The algorithm's own write met a full disk: the job waits for space, its attempt not counted.
+            raise DiskFull(f"the algorithm of job {job_id}: {reply.get('error')}")
         raise AlgorithmFailed(job_id, reply.get("error", "the algorithm failed"))
     by_id = {d.id: d for d in inputs}
     outputs = [DataObject(type=o["type"], path=o["path"], meta_data=o.get("meta_data") or {}, id=o.get("id"),
@@ -254,6 +264,9 @@ def run_command(alg: AlgorithmConfig, job_id: str, input_dir: Path, working_dir:
                         from None
     ended = time.time()
     if proc.returncode != 0:
+        if free_bytes(working_dir) < _NEARLY_FULL:
+            raise DiskFull(f"the command of job {job_id} failed ({describe_exit(proc.returncode)}) "
+                           "with its filesystem full")
         raise AlgorithmFailed(job_id, f"command {argv[0]!r} failed ({describe_exit(proc.returncode)})")
     outputs = [DataObject(type="DICOM" if _is_dicom(p) else "FILE", path=str(p))
                for p in sorted(out_dir.iterdir()) if not p.name.startswith(".")]

@@ -1,8 +1,10 @@
 """Results back by C-STORE: a job's DICOM outputs to its destinations, retried with backoff.
 
-The send state per destination lives in the job's job.yaml (``extra.sends``), so ``postbox status`` and
-the HTTP API show it and a restart resumes what was pending. Sending runs in its own thread and never
-holds up the worker.
+The send state per destination and per file lives in the job's job.yaml (``sends``), so ``postbox status``
+and the HTTP API show it, a restart resumes what was pending, and after a partial delivery only the files
+the destination has not stored go again. A send is claimed like a job, by a lock, so that several services
+on one inbox deliver each file once. Sending runs in its own thread and never holds up the worker; stopping
+the service aborts a hung association and leaves its send pending, to be resumed.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import jobs
 from .config import Config, Destination
+from .crashpoints import crash_point
+from .errors import DamagedManifest, PostboxError
 from .index import Index
 
 log = logging.getLogger(__name__)
@@ -22,12 +27,27 @@ log = logging.getLogger(__name__)
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings meaning stored
 
 
-class SendFailed(Exception):
-    """A destination did not take the files; the reason says why."""
+class SendFailed(PostboxError):
+    """A destination did not take every file; ``stored`` are those it did take before it stopped."""
+
+    def __init__(self, reason: str, stored: list[Path] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stored = list(stored or [])
+
+    def __reduce__(self):
+        return (type(self), (self.reason, self.stored))
 
 
-def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30) -> None:
-    """C-STORE ``files`` to ``dest`` over one association; SendFailed unless every one is stored."""
+def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30,
+               on_association: Callable[[Any], None] | None = None) -> None:
+    """C-STORE ``files`` to ``dest`` over one association.
+
+    Raises
+    ------
+    SendFailed
+        Unless every file is stored; it lists the files that were.
+    """
     from pydicom import dcmread  # only a service that sends pays for these imports, not every CLI call
     from pynetdicom import AE
 
@@ -40,26 +60,22 @@ def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout
     if not assoc.is_established:
         raise SendFailed(f"no association with {dest.ae_title}@{dest.host}:{dest.port} "
                          f"({'rejected' if assoc.is_rejected else 'refused or unreachable'})")
+    if on_association is not None:
+        on_association(assoc)
+    stored: list[Path] = []
     try:
         for path, ds in zip(files, datasets, strict=True):
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code not in _OK:
                 raise SendFailed(f"{dest.ae_title} refused {path.name}: status "
-                                 f"{'none (connection lost)' if code is None else hex(code)}")
+                                 f"{'none (connection lost)' if code is None else hex(code)}", stored)
+            stored.append(path)
     finally:
+        if on_association is not None:
+            on_association(None)
         if assoc.is_established:
             assoc.release()
-
-
-def plan_sends(destinations: list[Any]) -> dict[str, dict[str, Any]]:
-    """The initial send state for a job's destinations (names from config, or inline host/port/ae_title)."""
-    sends = {}
-    for dest in destinations:
-        name = dest if isinstance(dest, str) else f"{dest['ae_title']}@{dest['host']}:{dest['port']}"
-        sends[name] = {"status": "pending", "attempts": 0, "next_try": 0.0, "error": None, "sent": None,
-                       "target": None if isinstance(dest, str) else dict(dest)}
-    return sends
 
 
 class Sender:
@@ -71,20 +87,29 @@ class Sender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._assoc: Any = None
+        self._assoc_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="dicom-sender", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop sending: a hung association is aborted, and its send stays pending for the next start."""
         self._stop.set()
         self._wake.set()
+        with self._assoc_lock:
+            if self._assoc is not None:
+                self._assoc.abort()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=timeout)
+            if self._thread.is_alive():
+                log.warning("sender: a send did not end within %.0f s; it stays pending for the next start",
+                            timeout)
 
     def notify(self, manifest: jobs.JobManifest | None = None) -> None:
         """Wake up: a job with sends pending has finished (or, without a manifest, just look again)."""
-        if manifest is None or manifest.extra.get("sends"):
+        if manifest is None or manifest.sending:
             self._wake.set()
 
     def _run(self) -> None:
@@ -99,66 +124,109 @@ class Sender:
 
     def send_due(self) -> float:
         """Try every send that is due; returns seconds until the next one is."""
+        cfg = self.config
         wait = 5.0
         for rec in self.index.jobs(lambda r: bool(r.get("sending"))):
             if self._stop.is_set():
                 break
-            job_dir = self.config.outbox / rec["id"]
             try:
-                manifest = jobs.read_manifest(job_dir)
+                manifest = jobs.read_manifest(cfg.outbox / rec["id"])
             except FileNotFoundError:
                 continue
-            for name, state in manifest.extra.get("sends", {}).items():
-                if state["status"] != "pending":
+            except DamagedManifest as exc:
+                # One damaged job.yaml must not hold up the sends queued behind it (issue 8).
+                with jobs.finished_lock(cfg.inbox, rec["id"]):
+                    jobs.set_aside(cfg.outbox / rec["id"], cfg.outbox, exc.problem, index=self.index)
+                continue
+            for name, state in manifest.sends.items():
+                if state.status != jobs.SendStatus.PENDING or self._stop.is_set():
                     continue
-                delay = state["next_try"] - time.time()
+                delay = state.next_try - time.time()
                 if delay > 0:
                     wait = min(wait, delay)
                     continue
-                self._attempt(manifest, name)
+                try:
+                    self._attempt(manifest.id, name)
+                except Exception:
+                    log.exception("job %s: sending to %s failed unexpectedly; trying again later", manifest.id, name)
                 wait = min(wait, 0.5)
         return wait
 
-    def _attempt(self, manifest: jobs.JobManifest, name: str) -> None:
+    def _set_assoc(self, assoc: Any) -> None:
+        with self._assoc_lock:
+            self._assoc = assoc
+        if assoc is not None and self._stop.is_set():
+            assoc.abort()
+
+    def _attempt(self, job_id: str, name: str) -> None:
         cfg = self.config
-        job_dir = cfg.outbox / manifest.id
-        state = manifest.extra["sends"][name]
-        dest = cfg.dicom.destinations.get(name) if state.get("target") is None else Destination(**state["target"])
-        files = [job_dir / o["path"] for o in manifest.outputs if o["type"] == "DICOM"]
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        lock = jobs.try_lock(jobs.lock_path(cfg.inbox, f"send-{job_id}-{safe}"))
+        if lock is None:
+            return  # another service on this inbox is sending it now
+        try:
+            crash_point("send.claimed")
+            self._deliver(job_id, name)
+        finally:
+            lock.release()
+
+    def _deliver(self, job_id: str, name: str) -> None:
+        cfg = self.config
+        job_dir = cfg.outbox / job_id
+        # Read again under the send's lock: another service may have delivered some files meanwhile.
+        manifest = jobs.read_manifest(job_dir)
+        state = manifest.sends.get(name)
+        if state is None or state.status != jobs.SendStatus.PENDING:
+            return
+        dest = cfg.dicom.destinations.get(name) if state.target is None else Destination(**state.target)
+        missing = state.missing
         error: str | None = None
+        stored: list[str] = []
         if dest is None:
             error = f"destination '{name}' is not in dicom.destinations"
-        elif not files:
-            error = "the job has no DICOM outputs to send"
-        else:
+        elif missing:
             try:
-                send_files(dest, files, calling_ae=cfg.dicom.ae_title)
-            except (SendFailed, OSError, ValueError) as exc:
-                error = str(exc)
+                send_files(dest, [job_dir / f for f in missing], calling_ae=cfg.dicom.ae_title,
+                           on_association=self._set_assoc)
+                stored = missing
+            except SendFailed as exc:
+                error = exc.reason
+                stored = [p.relative_to(job_dir).as_posix() for p in exc.stored]
+            except (OSError, ValueError) as exc:
+                error = getattr(exc, "strerror", None) or type(exc).__name__  # never a server path
+        crash_point("send.stored")
+        interrupted = error is not None and self._stop.is_set()
         started = manifest.finished or jobs.now_iso()
 
         def change(m: jobs.JobManifest) -> None:
-            s = m.extra["sends"][name]
-            s["attempts"] += 1
-            if error is None:
-                s.update(status="sent", sent=jobs.now_iso(), error=None)
+            s = m.sends[name]
+            when = jobs.now_iso()
+            for path in stored:
+                s.files[path] = when
+            if interrupted:
+                return  # the service is stopping: this attempt does not count, the send stays pending
+            s.attempts += 1
+            if not s.missing:
+                s.status, s.sent, s.error = jobs.SendStatus.SENT, when, None
                 return
-            s["error"] = error
+            s.error = error
             elapsed = time.time() - m.timings.get("finished", time.time())
-            if dest is None or not files or elapsed >= cfg.dicom.send_retry_seconds:
-                s["status"] = "failed"
-                s["error"] = f"gave up after {s['attempts']} attempt(s): {error}; outputs stay in the outbox"
+            if dest is None or elapsed >= cfg.dicom.send_retry_seconds:
+                s.status = jobs.SendStatus.FAILED
+                s.error = f"gave up after {s.attempts} attempt(s): {error}; outputs stay in the outbox"
             else:
-                s["next_try"] = time.time() + min(cfg.dicom.send_backoff_max, 0.5 * 2 ** (s["attempts"] - 1))
+                s.next_try = time.time() + min(cfg.dicom.send_backoff_max, 0.5 * 2 ** (s.attempts - 1))
 
-        updated = jobs.update_finished(cfg.inbox, cfg.outbox, manifest.id, change)
-        self.index.record_job(updated, "outbox")
-        s = updated.extra["sends"][name]
-        if s["status"] == "sent":
-            log.info("job %s: sent %d file(s) to %s", manifest.id, len(files), name)
-        elif s["status"] == "failed":
-            log.error("job %s: sending to %s failed: %s", manifest.id, name, s["error"])
+        updated = jobs.update_finished(cfg.inbox, cfg.outbox, job_id, change, index=self.index)
+        crash_point("send.recorded")
+        s = updated.sends[name]
+        if interrupted:
+            log.info("job %s: sending to %s interrupted by the stop (%d of %d file(s) stored); it stays pending",
+                     job_id, name, len(stored), len(missing))
+        elif s.status == jobs.SendStatus.SENT:
+            log.info("job %s: sent %d file(s) to %s", job_id, len(stored), name)
+        elif s.status == jobs.SendStatus.FAILED:
+            log.error("job %s: sending to %s failed: %s", job_id, name, s.error)
         else:
-            log.warning("job %s: sending to %s failed (attempt %d, since %s): %s; retrying", manifest.id, name,
-                        s["attempts"], started, error)
-        manifest.extra["sends"][name] = s
+            log.warning("job %s: sending to %s failed (attempt %d, since %s; %d of %d file(s) stored): %s; "
+                        "retrying", job_id, name, s.attempts, started, len(stored), len(missing), error)

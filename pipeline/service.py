@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +16,8 @@ from typing import Any, TypeVar
 
 from . import algorithms
 from .config import Config
-from .errors import ConfigError
+from .errors import PostboxError
+from .health import Health
 from .index import Index
 from .logs import configure_logging
 
@@ -62,7 +66,7 @@ class Service:
 
     def run(self, host: str | None = None, port: int | None = None, dicom_listener_port: int | None = None,
             dicom_listener_aetitle: str | None = None, debug: bool = False,
-            config: str | os.PathLike[str] | None = None) -> None:
+            config: str | os.PathLike[str] | None = None) -> int:
         """Start everything configured and block until SIGINT/SIGTERM (PlatiPy's ``app.run``)."""
         http: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         dicom: dict[str, Any] = {}
@@ -72,36 +76,49 @@ class Service:
             dicom["ae_title"] = dicom_listener_aetitle
         cfg = load_config(config, http=http, dicom=dicom)
         configure_logging("DEBUG" if debug else cfg.log_level)
-        self.serve(cfg)
+        return self.serve(cfg)
 
-    def serve(self, cfg: Config) -> None:
-        """Run the worker and every configured door (DICOM node and sender, HTTP) on ``cfg`` until stopped."""
+    def serve(self, cfg: Config) -> int:
+        """Run the worker and every configured door on ``cfg`` until stopped; returns the exit code.
+
+        A door whose port is taken stays closed, loudly, and the rest runs (several services may share one
+        inbox and one config.yaml). What keeps the service from starting at all ends it with exit code 1.
+        """
         from .worker import Worker  # the CLI loads configs through this module without needing the worker
 
         index = Index(cfg.database)
-        worker = Worker(cfg, index)
+        index.check()  # IndexDamaged (exit 2) before anything runs: the keys cannot be rebuilt from the folders
+        health = Health()
+        worker = Worker(cfg, index, health)
         self._stop.clear()
         doors: list[Any] = []
+        ports: dict[str, Any] = {}
+        sender = None
         if cfg.dicom.enabled:
             from .node import DicomNode
             from .sender import Sender
 
-            sender = Sender(cfg, index)
-            worker.finished_hooks.append(sender.notify)
-            node = DicomNode(cfg, index)
+            node = DicomNode(cfg, index, health)
             try:
                 node.start()
             except OSError as exc:
-                raise ConfigError("dicom.port", f"cannot listen on {cfg.dicom.host}:{cfg.dicom.port}: "
-                                                f"{exc.strerror or exc}") from None
+                log.error("dicom: cannot listen on %s:%d (%s); the DICOM door stays closed in this process",
+                          cfg.dicom.host, cfg.dicom.port, exc.strerror or exc)
+            else:
+                doors.append(node)
+                ports["dicom"] = {"port": node.port, "ae_title": cfg.dicom.ae_title}
+            # The sender runs either way: it delivers what this service's worker finishes, and a lock per
+            # send keeps two services from delivering one file twice.
+            sender = Sender(cfg, index)
+            worker.finished_hooks.append(sender.notify)
             sender.start()
-            doors += [node, sender]
-        http = self._start_http(cfg, index)
+        http = self._start_http(cfg, index, health)
         if http is not None:
             doors.append(http)
+            ports["http"] = {"port": http.port}
             # A run's outputs become its dataset's data objects as it finishes, not on the client's next read.
             worker.finished_hooks.append(http.datasets.job_finished)
-            if cfg.dicom.enabled:
+            if "dicom" in ports:
                 # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
                 node.claimers.append(http.datasets.attach_series)
 
@@ -112,24 +129,47 @@ class Service:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, on_signal)
             signal.signal(signal.SIGTERM, on_signal)
-        thread = threading.Thread(target=worker.run, name="worker")
+        failure: list[BaseException] = []
+
+        def run_worker() -> None:
+            try:
+                worker.run()
+            except BaseException as exc:
+                failure.append(exc)
+                log.error("service: the worker cannot run: %s", exc, exc_info=not isinstance(exc, PostboxError))
+                self.stop()
+
+        thread = threading.Thread(target=run_worker, name="worker")
         thread.start()
+        ready = None
         try:
-            while not self._stop.wait(0.5):
+            while not self._stop.wait(0.05):
+                if ready is None and worker.ready.is_set():
+                    ready = ReadyFile.write(cfg.inbox, ports)
                 if not thread.is_alive():
                     break
         finally:
-            for door in doors:
+            # Stop claiming first, so nothing new starts while the doors close; then the doors (a hung send is
+            # aborted, its state stays pending); each within what is left of worker.stop_timeout.
+            deadline = time.monotonic() + cfg.worker.stop_timeout
+            worker.stop()
+            for door in [*doors, *([sender] if sender is not None else [])]:
                 try:
-                    door.stop()
+                    door.stop(timeout=max(0.1, deadline - time.monotonic()))
                 except Exception:  # one door failing to stop must not keep the worker running
                     log.exception("service: %s did not stop cleanly", type(door).__name__)
-            worker.stop()
-            thread.join()
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+            if ready is not None:
+                ready.remove()
+        if thread.is_alive():
+            log.error("service: jobs did not stop within worker.stop_timeout (%.0f s); exiting anyway; they run "
+                      "again at the next start", cfg.worker.stop_timeout)
+            return 1
         log.info("service: stopped")
+        return 1 if failure else 0
 
     @staticmethod
-    def _start_http(cfg: Config, index: Index) -> Any:
+    def _start_http(cfg: Config, index: Index, health: Health) -> Any:
         """Start the HTTP facade if configured; None if disabled or its address is taken.
 
         A taken address closes only this door, loudly: several services may share one inbox (and one
@@ -139,7 +179,7 @@ class Service:
             return None
         from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
 
-        http = HttpServer(cfg, index)
+        http = HttpServer(cfg, index, health)
         try:
             http.start()
         except OSError as exc:
@@ -153,3 +193,35 @@ class Service:
 
 
 app = Service()
+
+
+class ReadyFile:
+    """``inbox/.services/<host>-<pid>.json``: this process serves, with these doors on these ports.
+
+    Written once the worker watches the inbox and the doors listen; removed at a clean stop. Tests and
+    operators' scripts learn from it that a service is ready and where, instead of reading its log. Each
+    service of several on one inbox writes its own.
+    """
+
+    FOLDER = ".services"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def path_for(cls, inbox: Path, pid: int | None = None) -> Path:
+        return inbox / cls.FOLDER / f"{socket.gethostname()}-{pid or os.getpid()}.json"
+
+    @classmethod
+    def write(cls, inbox: Path, doors: dict[str, Any]) -> ReadyFile:
+        from .jobs import atomic_write, now_iso
+
+        path = cls.path_for(inbox)
+        path.parent.mkdir(exist_ok=True)
+        data = {"pid": os.getpid(), "host": socket.gethostname(), "started": now_iso(), "doors": doors}
+        atomic_write(path, json.dumps(data).encode(), durable=False)
+        log.info("service: ready (%s)", ", ".join(f"{k} port {v['port']}" for k, v in doors.items()) or "no doors")
+        return cls(path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,4 +1,9 @@
-"""The worker: rescan and wake-ups -> claim -> run in a child -> finish or fail. Never raises out of its loop."""
+"""The worker: rescan and wake-ups -> claim -> run in a child -> finish or fail. Never raises out of its loop.
+
+One job's trouble stays that job's (design.md): a job whose lock cannot be taken waits and is named once in
+the log, a damaged job.yaml is set aside, and a full disk pauses the work with backoff, without using up
+any job's attempts, until space returns.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ from .algorithms import merge_settings, resolve
 from .config import AlgorithmConfig, Config
 from .dataobject import DataObject
 from .errors import AlgorithmFailed, ClaimLost, InvalidInput, UnknownAlgorithm
+from .health import DISK_FULL, Health, Throttle, free_bytes, is_disk_full
 from .index import Index
 from .postprocess import add_dicom_outputs
-from .runner import ChildPool, run_command, run_python
-from .sender import plan_sends
+from .runner import ChildPool, PoolClosed, run_command, run_python
 from .watcher import watch
 
 log = logging.getLogger(__name__)
@@ -36,14 +41,21 @@ class Worker:
     an algorithm's ``max_parallel`` is a set of lock files, so it holds across processes too.
     """
 
-    def __init__(self, config: Config, index: Index | None = None) -> None:
+    def __init__(self, config: Config, index: Index | None = None, health: Health | None = None) -> None:
         self.config = config
         self.index = index or Index(config.database)
+        self.health = health or Health()
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._running: dict[str, jobs.Claim] = {}
         self._lock = threading.Lock()
         self._bad_drops: set[Path] = set()
+        self._waiting: dict[str, str] = {}  # job id -> why it waits, each said once
+        self._uncounted: set[str] = set()  # given back for a full disk, but that could not be written down
+        self._recover_left = 0
+        self._paused_until = 0.0  # no claims before this (monotonic): the disk is full
+        self._backoff = 0.0
+        self._throttle = Throttle(60.0)
         self._pool = ChildPool(keep_warm=config.worker.keep_warm,
                                max_jobs_per_child=config.worker.max_jobs_per_child)
         self._executor = ThreadPoolExecutor(max_workers=config.worker.processes, thread_name_prefix="job")
@@ -55,23 +67,34 @@ class Worker:
     # -- lifecycle --
 
     def run(self) -> None:
-        """Serve until ``stop()``; returns once every running job is finished or given back."""
+        """Serve until ``stop()``; returns once every running job is finished or given back.
+
+        Raises what stops it from starting at all (the service then exits non-zero).
+        """
         cfg = self.config
-        for job_id in jobs.recover(cfg.inbox):
-            log.info("job %s: recovered from the staging area", job_id)
+        self._recover()
         self.index.repair(cfg.inbox, cfg.outbox)
         observer = watch(cfg.inbox, self.wake)
-        log.info("worker: watching %s (%d at once, algorithms: %s)", cfg.inbox, cfg.worker.processes,
+        log.info("worker: watching the inbox (%d at once, algorithms: %s)", cfg.worker.processes,
                  ", ".join(a.name for a in cfg.algorithms))
         self.ready.set()
         try:
             while not self._stop.is_set():
                 self.wake.clear()
                 try:
+                    if self._recover_left:
+                        self._recover()
                     wait = min(cfg.worker.rescan_seconds, self._adopt_drops())
-                    self._dispatch()
-                except Exception:
-                    log.exception("worker: scan failed; trying again")
+                    paused = self._paused_until - time.monotonic()
+                    if paused > 0:
+                        wait = min(wait, paused)
+                    else:
+                        self._dispatch()
+                except Exception as exc:
+                    if is_disk_full(exc):
+                        self._disk_full("the inbox scan", exc)
+                    else:
+                        log.exception("worker: scan failed; trying again")
                     wait = cfg.worker.rescan_seconds
                 self.wake.wait(wait)
         finally:
@@ -82,10 +105,15 @@ class Worker:
             self._executor.shutdown(wait=True)
 
     def stop(self) -> None:
-        """Ask the loop to end; running jobs are interrupted and go back to the inbox untouched."""
+        """Stop claiming at once; running jobs are interrupted and go back to the inbox untouched."""
         self._stop.set()
         self._pool.close()
         self.wake.set()
+
+    def _recover(self) -> None:
+        done, self._recover_left = jobs.recover(self.config.inbox, self.config.outbox, index=self.index)
+        for job_id in done:
+            log.info("job %s: recovered from the staging area", job_id)
 
     # -- the two scans --
 
@@ -101,34 +129,54 @@ class Worker:
                 wait = min(wait, settle - age + 0.01)
                 continue
             try:
-                manifest = jobs.adopt(self.config.inbox, item)
+                jobs.adopt(self.config.inbox, item, index=self.index)
             except (OSError, InvalidInput) as exc:
+                if is_disk_full(exc):
+                    raise  # the item stays where it is (or in staging, for recover): wait for space
                 log.error("inbox: cannot take %s as a job: %s", item.name, exc)
                 self._bad_drops.add(item)
-                continue
-            if manifest is not None:
-                self.index.record_job(manifest, "inbox")
         return wait
 
     def _dispatch(self) -> None:
-        for job_id in jobs.scan(self.config.inbox):
-            if self._stop.is_set():
+        cfg = self.config
+        for job_id in jobs.scan(cfg.inbox):
+            if self._stop.is_set() or time.monotonic() < self._paused_until:
                 return
             with self._lock:
                 if job_id in self._running:
                     continue
-                if len(self._running) >= self.config.worker.processes:
+                if len(self._running) >= cfg.worker.processes:
                     return
-            claim = jobs.claim(self.config.inbox, job_id)
+            try:
+                claim = jobs.claim(cfg.inbox, cfg.outbox, job_id, index=self.index)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise
+                # One job's problem stays that job's: the jobs behind it are still dispatched.
+                self._wait(job_id, f"its lock cannot be taken ({exc.strerror or type(exc).__name__})", error=True)
+                continue
             if claim is None:
+                if (cfg.inbox / job_id).is_dir():
+                    self._wait(job_id, "another process holds its lock (another Postbox on this inbox runs it, "
+                                       "or a stuck process holds it)")
                 continue
             capacity = self._take_capacity(claim)
             if capacity is False:
                 claim.release()
+                self._wait(job_id, f"algorithm '{claim.manifest.algorithm}' already runs its max_parallel jobs")
                 continue
+            self._waiting.pop(job_id, None)
             with self._lock:
                 self._running[job_id] = claim
             self._executor.submit(self._run_job, claim, capacity)
+        known = set(jobs.scan(cfg.inbox))
+        for job_id in [j for j in self._waiting if j not in known]:
+            del self._waiting[job_id]
+
+    def _wait(self, job_id: str, why: str, *, error: bool = False) -> None:
+        if self._waiting.get(job_id) != why:
+            self._waiting[job_id] = why
+            log.log(logging.ERROR if error else logging.INFO, "job %s: waits: %s", job_id, why)
 
     def _take_capacity(self, claim: jobs.Claim) -> Any:
         """A lock for one of the algorithm's ``max_parallel`` places: None if unlimited, False if all taken."""
@@ -141,6 +189,28 @@ class Worker:
             if lock is not None:
                 return lock
         return False
+
+    # -- a full disk --
+
+    def _disk_full(self, what: str, exc: BaseException | None = None) -> None:
+        """Pause claiming with backoff; said once a minute while it lasts."""
+        max_wait = self.config.worker.disk_full_backoff_max
+        self._backoff = min(max_wait, self._backoff * 2 if self._backoff else min(1.0, max_wait))
+        self._paused_until = time.monotonic() + self._backoff
+        try:
+            free = f"{free_bytes(self.config.inbox) / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        self.health.report(DISK_FULL, f"{free} on the inbox's filesystem")
+        if self._throttle.due(DISK_FULL):
+            log.warning("worker: disk full during %s (%s); jobs wait, their attempts not counted; trying again "
+                        "in %.0f s (said once a minute while it lasts)", what, free, self._backoff)
+
+    def _disk_ok(self) -> None:
+        if self._backoff:
+            self._backoff = 0.0
+            self._throttle.reset(DISK_FULL)
+            self.health.clear(DISK_FULL)
 
     # -- one job --
 
@@ -155,21 +225,23 @@ class Worker:
                     jobs.finish(claim, cfg.outbox)
                 else:
                     jobs.fail(claim, cfg.outbox, m.error or "failed")
-            elif m.attempts >= cfg.worker.max_attempts:
+            elif m.attempts >= cfg.worker.max_attempts and job_id not in self._uncounted:
                 jobs.fail(claim, cfg.outbox, f"gave up after {m.attempts} attempt(s): the worker stopped "
                                              "during each (worker.max_attempts)")
             else:
                 self._attempt(claim)
-            self.index.record_job(claim.manifest, "outbox")
         except _Stopping:
             self._give_back(claim, "the worker is stopping")
         except ClaimLost as exc:
             log.error("job %s: %s", job_id, exc)
-        except Exception:
+        except Exception as exc:
+            if is_disk_full(exc):
+                self._disk_full(f"job {job_id}", exc)
+                self._give_back(claim, "the disk is full; it runs again when there is space", disk_full=True)
+                return
             log.exception("job %s: unexpected error in the worker", job_id)
             try:
                 jobs.fail(claim, cfg.outbox, "internal error in the worker (see job.log)", traceback.format_exc())
-                self.index.record_job(claim.manifest, "outbox")
             except Exception:
                 log.exception("job %s: could not even record the failure; it stays in the inbox", job_id)
         finally:
@@ -184,8 +256,8 @@ class Worker:
         cfg = self.config
         m = claim.manifest
         try:
-            if "refused" in m.extra:
-                raise InvalidInput(m.extra["refused"])
+            if m.refused:
+                raise InvalidInput(m.refused)
             alg = resolve(cfg, m.algorithm)
             settings = merge_settings(alg, m.settings)
             m.algorithm = alg.name
@@ -194,21 +266,19 @@ class Worker:
             log.warning("job %s: refused: %s", claim.job_id, exc)
             jobs.fail(claim, cfg.outbox, str(exc))
             return
-        jobs.start_attempt(claim)
-        self.index.record_job(m, "inbox")
+        jobs.start_attempt(claim, counted=claim.job_id not in self._uncounted)
+        self._uncounted.discard(claim.job_id)
         log.info("job %s: started %s (attempt %d)", claim.job_id, alg.name, m.attempts)
         try:
             outputs, timings = self._execute(claim, alg, settings)
             m.timings.update(timings)
-            outputs, checks = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir,
-                                                structures=m.extra.get("structures"),
-                                                log_line=lambda line: jobs.append_log(claim, line))
-            if checks:
-                m.extra["check_dice"] = checks
+            outputs, m.checks = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir,
+                                                  structures=m.delivery.structures,
+                                                  log_line=lambda line: jobs.append_log(claim, line))
             records = jobs.collect_outputs(claim, outputs)
-            if m.extra.get("destinations"):
-                if any(r["type"] == "DICOM" for r in records):
-                    m.extra["sends"] = plan_sends(m.extra["destinations"])
+            if m.delivery.destinations:
+                if any(r.type == "DICOM" for r in records):
+                    m.sends = m.delivery.plan(records)
                 else:
                     m.warnings.append("destinations are set but the job has no DICOM outputs to send")
         except (AlgorithmFailed, InvalidInput) as exc:
@@ -219,6 +289,7 @@ class Worker:
             jobs.fail(claim, cfg.outbox, reason)
             return
         jobs.finish(claim, cfg.outbox, records)
+        self._disk_ok()
         for hook in self.finished_hooks:
             try:
                 hook(m)
@@ -238,17 +309,16 @@ class Worker:
         try:
             return run_python(self._pool, alg, claim.job_id, inputs, claim.work_dir, settings, claim.log_path,
                               timeout)
-        except RuntimeError as exc:  # the pool is closed: we are stopping
+        except PoolClosed as exc:
             raise _Stopping() from exc
 
     def _gate(self, claim: jobs.Claim) -> None:
         """Check each DICOM input is one whole volume; fail or warn by ``dicom.incomplete``."""
-        for d in self._inputs(claim):
+        for d in claim.manifest.inputs:
             if d.type != "DICOM":
                 continue
             # The DICOM node checked its series at completion; a job's inputs never change after commit.
-            recorded = d.meta_data.get("gate")
-            found = list(recorded) if isinstance(recorded, list) else gate.problems(Path(d.path))
+            found = d.gate if d.gate is not None else gate.problems(claim.job_dir / d.path)
             if not found:
                 continue
             reason = f"incomplete series {d.id}: {gate.summary(found)}"
@@ -261,13 +331,17 @@ class Worker:
 
     @staticmethod
     def _inputs(claim: jobs.Claim) -> list[DataObject]:
-        return [DataObject(type=d["type"], path=str(claim.job_dir / d["path"]), meta_data=d.get("meta_data", {}),
-                           id=d["id"]) for d in claim.manifest.inputs]
+        return [DataObject(type=d.type, path=str(claim.job_dir / d.path), meta_data=dict(d.meta_data), id=d.id)
+                for d in claim.manifest.inputs]
 
-    def _give_back(self, claim: jobs.Claim, reason: str) -> None:
+    def _give_back(self, claim: jobs.Claim, reason: str, *, disk_full: bool = False) -> None:
         try:
             jobs.requeue(claim, reason)
-            self.index.record_job(claim.manifest, "inbox")
             log.info("job %s: given back to the inbox (%s)", claim.job_id, reason)
-        except Exception:
+        except Exception as exc:
+            if disk_full or is_disk_full(exc):
+                # job.yaml still says running: this process remembers not to count the attempt.
+                self._uncounted.add(claim.job_id)
+                return
             log.exception("job %s: could not give it back; the next start runs it again", claim.job_id)
+

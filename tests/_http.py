@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from conftest import Site, wait_for
+from conftest import Site
 
 from pipeline import phantom
 from pipeline.bodylungs import DEFAULT_SETTINGS
 from pipeline.phantom import Grid
 
 BODY_LUNGS = {"name": "body-lungs", "function": "pipeline.bodylungs:segment", "default_settings": DEFAULT_SETTINGS}
-_LISTENING = re.compile(r"http: listening on http://127\.0\.0\.1:(\d+)")
 
 
 class HttpSite(Site):
@@ -26,9 +24,8 @@ class HttpSite(Site):
     bob = ""
 
     def start_http(self) -> str:
-        self.start()
-        port = wait_for(lambda: _LISTENING.search(self.service_log()), 10, what="the HTTP door").group(1)
-        self.url = f"http://127.0.0.1:{port}"
+        proc = self.start()
+        self.url = f"http://127.0.0.1:{self.doors(proc)['http']['port']}"
         return self.url
 
     def key(self, name: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from pipeline.service import ReadyFile
+
 HERE = Path(__file__).resolve().parent
 ALGOS = HERE / "algos" / "testalgos.py"
 
@@ -90,17 +92,30 @@ class Site:
             raise AssertionError(f"postbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc
 
-    def start(self) -> subprocess.Popen[bytes]:
-        """Start ``postbox manage run`` and wait until its worker watches the inbox."""
+    def launch(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``postbox manage run`` without waiting for it."""
         log = open(self.root / f"service-{len(self.procs)}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "facade.cli", "--config", str(self.config_path),
-                                 "manage", "run"], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                                 "manage", "run"], stdout=log, stderr=subprocess.STDOUT, env=env or self.env)
         self.procs.append(proc)
-        path = Path(log.name)
-        wait_for(lambda: b"worker: watching" in path.read_bytes() or proc.poll() is not None, 30,
-                 what="the worker to start")
-        assert proc.poll() is None, path.read_text()
         return proc
+
+    def start(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``postbox manage run`` and wait for its ready file (the worker watches, the doors listen)."""
+        proc = self.launch(env)
+        wait_for(lambda: self.ready_file(proc).is_file() or proc.poll() is not None, 30,
+                 what="the service to be ready")
+        assert proc.poll() is None, self.service_log()
+        return proc
+
+    def ready_file(self, proc: subprocess.Popen[bytes]) -> Path:
+        return ReadyFile.path_for(self.inbox, proc.pid)
+
+    def doors(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+        """The doors a started service listens on, and their ports, from its ready file."""
+        import json
+
+        return json.loads(self.ready_file(proc).read_text())["doors"]
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
         if proc.poll() is None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from conftest import Site
+from conftest import Site, wait_for
 
 from pipeline import phantom
+from pipeline.index import Index
 
 
 def test_keys_are_shown_once_and_stored_hashed(site: Site) -> None:
@@ -96,3 +98,75 @@ def test_submit_with_a_broken_dicom_file_is_refused_and_leaves_nothing(site: Sit
     assert proc.returncode == 2 and "broken.dcm" in proc.stderr and "DICOM file" in proc.stderr
     assert [p.name for p in site.inbox.iterdir() if p.name != ".staging"] == []
     assert not any((site.inbox / ".staging").iterdir())
+
+
+def _damage(path: Path, how: str) -> bytes:
+    """Damage ``path`` by hand as a full disk or a power cut would; return the damaged bytes."""
+    raw = path.read_bytes()
+    damaged = raw[: len(raw) // 2] if how == "half" else b""
+    path.write_bytes(damaged)
+    return damaged
+
+
+def _refused(site: Site, file: str, holds: str) -> None:
+    """Each command that would read or write the index refuses, naming the file (not a server path)."""
+    for args in (["manage", "key", "--list"], ["manage", "key", "--add", "other"], ["manage", "initdb"],
+                 ["manage", "run"]):
+        proc = site.cli(*args, check=False)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith(f"postbox: error: index file {file} is damaged"), proc.stderr
+        assert holds in proc.stderr and "postbox manage initdb --repair" in proc.stderr
+        assert str(site.root) not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("how", ["half", "empty"])
+def test_a_damaged_keys_file_is_refused_and_kept(site: Site, how: str) -> None:
+    site.cli("manage", "key", "--add", "planning")
+    main = site.root / "postbox.db.json"
+    damaged = _damage(main, how)
+    _refused(site, "postbox.db.json", "the API keys")
+    assert main.read_bytes() == damaged
+
+
+@pytest.mark.parametrize("how", ["half", "empty"])
+def test_a_damaged_datasets_file_is_refused_and_kept(site: Site, how: str) -> None:
+    site.cli("manage", "key", "--add", "planning")
+    index = Index(site.root / "postbox.db.json")
+    index.insert("datasets", {"owner": "planning"}, id_field="id")
+    datasets = index.tables_dir / "datasets.json"
+    damaged = _damage(datasets, how)
+    _refused(site, "postbox.db.json.tables/datasets.json", "datasets")
+    assert datasets.read_bytes() == damaged
+
+
+def test_a_damaged_job_shard_is_rebuilt_from_the_folders(site: Site, tmp_path: Path) -> None:
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    job_id = site.cli("submit", str(payload)).stdout.strip()
+    index = Index(site.root / "postbox.db.json")
+    [shard] = [p for p in index.jobs_dir.glob("*.json") if job_id in p.read_text()]
+    _damage(shard, "half")
+    site.start()  # a job shard is no reason to refuse: the worker rebuilds it from the folders at start
+    site.done(1)
+    rec = wait_for(lambda: (lambda r: r if r and r["location"] == "outbox" else None)(index.get_job(job_id)))
+    assert rec["status"] == "done"
+
+
+def test_initdb_repair_moves_a_damaged_keys_file_aside(site: Site) -> None:
+    site.cli("manage", "key", "--add", "planning")
+    main = site.root / "postbox.db.json"
+    damaged = _damage(main, "half")
+    proc = site.cli("manage", "initdb", "--repair")
+    [aside] = site.root.glob("postbox.db.json.damaged-*")
+    assert re.fullmatch(r"postbox\.db\.json\.damaged-\d{8}T\d{6}", aside.name)
+    assert aside.read_bytes() == damaged
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("postbox: postbox.db.json was damaged") and aside.name in line
+    assert "lost the API keys: make new ones with postbox manage key --add NAME" in line
+    assert str(site.root) not in proc.stderr
+    site.cli("manage", "key", "--add", "new")
+    assert [row.split("\t")[0] for row in site.cli("manage", "key", "--list").stdout.splitlines()] == ["new"]
+    site.stop(site.start())
+    again = site.cli("manage", "initdb", "--repair")  # nothing damaged: initdb as usual
+    assert again.stderr == "" and "index ready" in again.stdout
+    assert len(list(site.root.glob("postbox.db.json.damaged-*"))) == 1

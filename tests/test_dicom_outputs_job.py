@@ -70,7 +70,7 @@ def test_dicom_job_dropped_in_inbox_ends_with_checked_rtstruct_and_seg(site: Sit
     assert types["External"] == "EXTERNAL"
     assert pydicom.dcmread(seg_path).Modality == "SEG"
     assert dciodvfy_errors(rt_path) == [] and dciodvfy_errors(seg_path) == []
-    check = job["extra"]["check_dice"]["in-1"]
+    check = job["checks"]["in-1"]
     assert set(check) == {"body", "lung_left", "lung_right"} and min(check.values()) >= 0.95
     assert "check-back Dice" in (job_dir / "job.log").read_text()
 

@@ -230,7 +230,7 @@ def test_storescp_destination_receives_rtstruct_and_seg(node: Site, tmp_path: Pa
         node.start()
         storescu(node, tmp_path / "ct")
         [job_dir] = node.done(1, timeout=60)
-        wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["status"] == "sent", 30)
+        wait_for(lambda: read_job(job_dir)["sends"]["TPS"]["status"] == "sent", 30)
         assert modalities(tmp_path / "received") == ["RTSTRUCT", "SEG"]
         rt = next(pydicom.dcmread(p) for p in (tmp_path / "received").iterdir() if p.name.startswith("RS"))
         assert "Lung_L" in [r.ROIName for r in rt.StructureSetROISequence]  # the route's own mapping
@@ -247,14 +247,14 @@ def test_destination_down_then_up_is_delivered_also_after_a_restart(node: Site, 
     service = node.start()
     storescu(node, tmp_path / "ct")
     [job_dir] = node.done(1, timeout=60)
-    wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["attempts"] >= 2, 30)
-    state = read_job(job_dir)["extra"]["sends"]["TPS"]
+    wait_for(lambda: read_job(job_dir)["sends"]["TPS"]["attempts"] >= 2, 30)
+    state = read_job(job_dir)["sends"]["TPS"]
     assert state["status"] == "pending" and "no association" in state["error"]
     node.stop(service)  # the node goes down with the send still pending
     scp = start_storescp(dest_port, tmp_path / "received")
     try:
         node.start()  # a restart resumes the pending send
-        wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["status"] == "sent", 30)
+        wait_for(lambda: read_job(job_dir)["sends"]["TPS"]["status"] == "sent", 30)
         assert modalities(tmp_path / "received") == ["RTSTRUCT", "SEG"]
     finally:
         scp.kill()
@@ -268,8 +268,8 @@ def test_gives_up_after_the_retry_time_and_keeps_the_outputs(node: Site, tmp_pat
     node.start()
     storescu(node, tmp_path / "ct")
     [job_dir] = node.done(1, timeout=60)
-    wait_for(lambda: read_job(job_dir)["extra"]["sends"]["TPS"]["status"] == "failed", 30)
-    assert "gave up after" in read_job(job_dir)["extra"]["sends"]["TPS"]["error"]
+    wait_for(lambda: read_job(job_dir)["sends"]["TPS"]["status"] == "failed", 30)
+    assert "gave up after" in read_job(job_dir)["sends"]["TPS"]["error"]
     assert len(list((job_dir / "output").rglob("*.dcm"))) == 2
 
 

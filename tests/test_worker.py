@@ -130,18 +130,20 @@ def test_traceback_and_prints_go_to_job_log(site: Site, payload: Path) -> None:
     assert "about to fail" not in site.service_log()
 
 
-def test_two_worker_processes_run_30_jobs_each_exactly_once(site: Site, payload: Path) -> None:
-    site.write_config(worker={"processes": 2, "keep_warm": True})
-    ids = [submit(site, payload) for _ in range(30)]  # placed while no worker runs
-    site.start()
-    site.start()
+def test_two_services_on_one_inbox_run_30_jobs_each_exactly_once_and_both_take_jobs(site: Site,
+                                                                                    payload: Path) -> None:
+    # Slow enough jobs that the first service cannot take all 30 before the second starts.
+    site.write_config(default_algorithm="slow", worker={"processes": 2, "keep_warm": True})
+    ids = [submit(site, payload, "--settings", '{"seconds": 0.1}') for _ in range(30)]  # no service runs
+    first, second = site.launch(), site.launch()  # started together: both race for the jobs
     jobs_done = site.done(30, timeout=60)
     assert sorted(p.name for p in jobs_done) == sorted(ids)
     counts = collections.Counter(r["job"] for r in site.runs())
     assert counts == {i: 1 for i in ids}
     assert all(read_job(p)["status"] == "done" and read_job(p)["attempts"] == 1 for p in jobs_done)
-    workers = {r["pid"] for r in site.runs()}
-    assert len(workers) >= 2  # two processes' children shared the work
+    # Each algorithm child's parent is the service that ran the job: both services took jobs.
+    by_service = collections.Counter(r["service"] for r in site.runs())
+    assert set(by_service) == {first.pid, second.pid}, by_service
 
 
 def test_warm_child_loads_once_and_a_crash_only_costs_its_job(site: Site, payload: Path) -> None:

@@ -17,8 +17,10 @@ with open(EVIDENCE / "imports.log", "a") as fh:
 
 def _record(name: str, data_objects, working_dir) -> None:
     with open(EVIDENCE / "runs.log", "a") as fh:
-        fh.write(json.dumps({"alg": name, "pid": os.getpid(), "job": Path(working_dir).parent.name,
-                             "start": time.time(), "inputs": [d.path for d in data_objects]}) + "\n")
+        # The child's parent is the service that runs the job: shows which of several services took it.
+        fh.write(json.dumps({"alg": name, "pid": os.getpid(), "service": os.getppid(),
+                             "job": Path(working_dir).parent.name, "start": time.time(),
+                             "inputs": [d.path for d in data_objects]}) + "\n")
 
 
 def noop(data_objects, working_dir, settings):
