@@ -46,6 +46,8 @@ LOG = "job.log"
 STAGING = ".staging"
 LOCKS = ".locks"
 DROPPED = "dropped"  # inside a staging folder: a hand-dropped item being turned into a job
+# A staging folder with inputs only, untouched this long, belongs to a door that died before acknowledging it.
+ABANDONED_SECONDS = 3600.0
 RECEIVING = "receiving.json"  # inside a staging folder: a door receiving into it (who sends, where it goes)
 
 _JOB_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{8}$")
@@ -547,7 +549,8 @@ def _record(index: JobIndex | None, manifest: JobManifest, location: str) -> Non
 # --- staging and commit ----------------------------------------------------------------------
 #
 # A staging folder inbox/.staging/<id>/ is always in one of these states, and recover() knows each:
-#   input/ only            a door is writing it (an upload, a submit): the door commits or discards it
+#   input/ only            a door is writing it (a submit, a trigger): the door commits or discards it;
+#                          one untouched for ABANDONED_SECONDS lost its door before it acknowledged anything
 #   receiving.json         a door receives into it over time (a DICOM series): that door resumes it
 #   dropped/               a hand-dropped item being turned into a job: recover() rebuilds the job
 #   job.yaml               complete: recover() commits it (the new record is written before the old goes)
@@ -710,6 +713,10 @@ def recover(inbox: Path, outbox: Path, *, index: JobIndex | None = None) -> tupl
                 done.append(sdir.name)
             elif (sdir / DROPPED).is_dir():
                 done.append(_build_adopted(inbox, sdir, index).id)
+            elif not (sdir / RECEIVING).exists() and time.time() - _newest_mtime(sdir) > ABANDONED_SECONDS:
+                # Input only, untouched for an hour: its door died before it acknowledged anything.
+                discard(sdir)
+                log.info("staging: removed %s, abandoned before it was acknowledged", sdir.name)
         except FileNotFoundError:
             if not (inbox / sdir.name).is_dir():  # else: committed by another process meanwhile
                 left += 1
@@ -720,6 +727,19 @@ def recover(inbox: Path, outbox: Path, *, index: JobIndex | None = None) -> tupl
             log.error("staging: job %s could not be recovered now (%s); trying again later", sdir.name,
                       exc.strerror or type(exc).__name__)
     return done, left
+
+
+def _newest_mtime(path: Path) -> float:
+    # mtime alone (newest_change also takes ctime, which cannot be set back): a door writing into the
+    # folder keeps its mtimes current, a copy in progress included.
+    newest = path.stat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except FileNotFoundError:
+                return time.time()
+    return newest
 
 
 def set_aside(job_dir: Path, outbox: Path, problem: str, *, index: JobIndex | None = None) -> Path:

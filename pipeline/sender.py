@@ -138,6 +138,11 @@ class Sender:
                 with jobs.finished_lock(cfg.inbox, rec["id"]):
                     jobs.set_aside(cfg.outbox / rec["id"], cfg.outbox, exc.problem, index=self.index)
                 continue
+            if not manifest.sending:
+                # Sent, but the process died before the index heard of it: tell it, or this job is read
+                # on every pass.
+                self.index.record_job(manifest, "outbox")
+                continue
             for name, state in manifest.sends.items():
                 if state.status != jobs.SendStatus.PENDING or self._stop.is_set():
                     continue

@@ -85,8 +85,11 @@ class Site:
     def env(self) -> dict[str, str]:
         return dict(os.environ, POSTBOX_TEST_EVIDENCE=str(self.evidence))
 
+    def cli_argv(self) -> list[str]:
+        return [sys.executable, "-m", "facade.cli", "--config", str(self.config_path)]
+
     def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([sys.executable, "-m", "facade.cli", "--config", str(self.config_path), *args],
+        proc = subprocess.run([*self.cli_argv(), *args],
                               capture_output=True, text=True, env=self.env, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"postbox {' '.join(args)} exited {proc.returncode}: {proc.stderr}")

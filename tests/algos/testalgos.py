@@ -58,3 +58,27 @@ def bad_output(data_objects, working_dir, settings):
 
 def returns_junk(data_objects, working_dir, settings):
     return "not a list"
+
+
+def echo_series(data_objects, working_dir, settings):
+    """Hands two instances of its input series back as DICOM outputs: results to send, without a model."""
+    _record("echo_series", data_objects, working_dir)
+    outputs = []
+    for src in sorted(Path(data_objects[0].path).glob("*.dcm"))[:2]:
+        dest = Path(working_dir) / src.name
+        dest.write_bytes(src.read_bytes())
+        outputs.append(DataObject(type="DICOM", path=str(dest), parent=data_objects[0]))
+    return outputs
+
+
+def fill(data_objects, working_dir, settings):
+    """Write ``settings["mb"]`` MB of zeros into the working folder: a full disk meets it with ENOSPC."""
+    _record("fill", data_objects, working_dir)
+    out = Path(working_dir) / "ballast.bin"
+    chunk = bytes(1 << 20)
+    with open(out, "wb") as fh:
+        for _ in range(int(settings.get("mb", 1))):
+            fh.write(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
