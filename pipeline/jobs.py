@@ -561,7 +561,11 @@ def stage(inbox: Path, job_id: str | None = None) -> Path:
     job_id = job_id or new_job_id()
     sdir = inbox / STAGING / job_id
     (sdir / INPUT).mkdir(parents=True)
-    crash_point("stage")
+    try:
+        crash_point("stage")
+    except BaseException:
+        discard(sdir)  # a stage that fails leaves no folder behind
+        raise
     return sdir
 
 
@@ -575,17 +579,17 @@ def commit(inbox: Path, staging_dir: Path, manifest: JobManifest, *, index: JobI
         raise ValueError(f"staging folder {staging_dir.name} does not match job {manifest.id}")
     manifest.status = JobStatus.PENDING
     manifest.timings["committed"] = time.time()
-    fsync_tree(staging_dir / INPUT)
-    write_manifest(staging_dir, manifest)
-    crash_point("commit.manifest")
-    (staging_dir / RECEIVING).unlink(missing_ok=True)
     job_dir = inbox / manifest.id
     try:
+        fsync_tree(staging_dir / INPUT)
+        write_manifest(staging_dir, manifest)
+        crash_point("commit.manifest")
+        (staging_dir / RECEIVING).unlink(missing_ok=True)
         os.rename(staging_dir, job_dir)
     except FileNotFoundError:
-        if not (job_dir / JOB_FILE).is_file():
+        if staging_dir.exists() or not (job_dir / JOB_FILE).is_file():
             raise
-        return job_dir  # committed by another process's recover() (two services on one inbox)
+        return job_dir  # committed meanwhile by another process's recover() (two services on one inbox)
     fsync_dir(inbox)
     crash_point("commit.renamed")
     log.info("job %s: committed (%s, algorithm %s)", manifest.id, manifest.source, manifest.algorithm or "default")
