@@ -56,6 +56,7 @@ class Site:
         self.config_path = root / "config.yaml"
         shutil.copy(ALGOS, root / "testalgos.py")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = 0  # the DICOM node's port, once a service with the node has started
         self.config: dict[str, Any] = {
             "worker": {"settle_seconds": 0.3, "rescan_seconds": 1, "job_timeout": 60},
             "default_algorithm": "noop",
@@ -109,6 +110,8 @@ class Site:
         wait_for(lambda: self.ready_file(proc).is_file() or proc.poll() is not None, 30,
                  what="the service to be ready")
         assert proc.poll() is None, self.service_log()
+        if "dicom" in (doors := self.doors(proc)):
+            self.port = doors["dicom"]["port"]  # dicom.port 0: the node took a free port
         return proc
 
     def ready_file(self, proc: subprocess.Popen[bytes]) -> Path:

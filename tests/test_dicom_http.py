@@ -24,10 +24,9 @@ from pipeline import phantom
 def both(tmp_path: Path) -> Iterator[HttpSite]:
     (tmp_path / "site").mkdir()
     site = HttpSite(tmp_path / "site")
-    site.port = free_port()  # type: ignore[attr-defined]
     site.config["algorithms"].append({**BODY_LUNGS, "outputs": ["rtstruct"]})
     site.write_config(default_algorithm="body-lungs", dicom={
-        "enabled": True, "host": "127.0.0.1", "port": site.port, "series_timeout": 1.0, "send_backoff_max": 1.0})
+        "enabled": True, "host": "127.0.0.1", "port": 0, "series_timeout": 1.0, "send_backoff_max": 1.0})
     site.start_http()
     site.alice = site.key("alice")
     site.bob = site.key("bob")
@@ -48,7 +47,7 @@ def series(tmp_path: Path, name: str = "ct") -> tuple[Path, str]:
 
 def storescu(site: HttpSite, folder: Path, port: int | None = None, called: str = "POSTBOX") -> None:
     proc = subprocess.run([dcmtk("storescu"), "-aec", called, "+sd", "127.0.0.1",
-                           str(port or site.port), str(folder)],  # type: ignore[attr-defined]
+                           str(port or site.port), str(folder)],
                           capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -126,7 +125,7 @@ AETable END
 
 @pytest.mark.parametrize("how", ["MOVE", "GET"])
 def test_move_and_get_from_dcmqrscp_driven_over_http(both: HttpSite, tmp_path: Path, how: str) -> None:
-    pacs, port, uid = dcmqrscp(tmp_path, both.port)  # type: ignore[attr-defined]
+    pacs, port, uid = dcmqrscp(tmp_path, both.port)
     try:
         loc = api(both, "POST", "/api/dicomlocation", data={"name": "pacs", "host": "127.0.0.1", "port": port,
                                                             "ae_title": "PACS"})

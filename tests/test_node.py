@@ -13,7 +13,7 @@ import pytest
 from conftest import Site, outbox_jobs, read_job, wait_for
 from pydicom.dataset import Dataset
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+from pynetdicom.sop_class import CTImageStorage
 
 from pipeline import phantom
 
@@ -34,15 +34,14 @@ def free_port() -> int:
 
 @pytest.fixture
 def node(site: Site) -> Site:
-    site.port = free_port()  # type: ignore[attr-defined]
-    site.write_config(dicom={"enabled": True, "host": "127.0.0.1", "port": site.port, "series_timeout": 1.0})
+    site.write_config(dicom={"enabled": True, "host": "127.0.0.1", "port": 0, "series_timeout": 1.0})
     return site
 
 
 def storescu(site: Site, *paths: Path, calling: str = "STORESCU", called: str = "POSTBOX",
              check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([dcmtk("storescu"), "-aet", calling, "-aec", called, "+sd", "+r", "127.0.0.1",
-                           str(site.port), *map(str, paths)],  # type: ignore[attr-defined]
+                           str(site.port), *map(str, paths)],
                           capture_output=True, text=True, env=DCMTK_ENV, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -55,10 +54,10 @@ def ct(tmp_path: Path, name: str = "ct", slices: int = 12, **kw: object) -> list
 
 def test_echoscu(node: Site) -> None:
     node.start()
-    proc = subprocess.run([dcmtk("echoscu"), "-aec", "POSTBOX", "127.0.0.1", str(node.port)],  # type: ignore[attr-defined]
+    proc = subprocess.run([dcmtk("echoscu"), "-aec", "POSTBOX", "127.0.0.1", str(node.port)],
                           capture_output=True, text=True, env=DCMTK_ENV, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert node.cli("manage", "echo", "127.0.0.1", str(node.port), "POSTBOX").returncode == 0  # type: ignore[attr-defined]
+    assert node.cli("manage", "echo", "127.0.0.1", str(node.port), "POSTBOX").returncode == 0
 
 
 def test_series_sent_by_storescu_becomes_one_job_with_every_instance(node: Site, tmp_path: Path) -> None:
@@ -85,7 +84,7 @@ def test_split_over_two_parallel_associations_and_sent_twice_is_still_one_job(no
         shutil.copy(f, tmp_path / ("a" if i % 2 else "b") / f.name)
     node.write_config(dicom={"series_timeout": 2.0})
     node.start()
-    procs = [subprocess.Popen([dcmtk("storescu"), "-aec", "POSTBOX", "+sd", "127.0.0.1", str(node.port),  # type: ignore[attr-defined]
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aec", "POSTBOX", "+sd", "127.0.0.1", str(node.port),
                                str(tmp_path / half)], env=DCMTK_ENV) for half in ("a", "b")]
     assert [p.wait(timeout=60) for p in procs] == [0, 0]
     storescu(node, tmp_path / "ct")  # the whole series again, within the timeout: replaces, no duplicates
@@ -138,7 +137,7 @@ def test_association_aborted_mid_series_still_forms_one_job(node: Site, tmp_path
     node.start()
     ae = AE(ae_title="ABORTER")
     ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="POSTBOX")  # type: ignore[attr-defined]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="POSTBOX")
     assert assoc.is_established
     for f in files[:5]:
         assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
@@ -153,7 +152,7 @@ def test_malformed_instance_is_refused_and_leaves_nothing(node: Site, tmp_path: 
     node.start()
     ae = AE(ae_title="BROKEN")
     ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="POSTBOX")  # type: ignore[attr-defined]
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="POSTBOX")
     ds = Dataset()
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
@@ -234,7 +233,7 @@ def test_storescp_destination_receives_rtstruct_and_seg(node: Site, tmp_path: Pa
         assert modalities(tmp_path / "received") == ["RTSTRUCT", "SEG"]
         rt = next(pydicom.dcmread(p) for p in (tmp_path / "received").iterdir() if p.name.startswith("RS"))
         assert "Lung_L" in [r.ROIName for r in rt.StructureSetROISequence]  # the route's own mapping
-        assert "TPS" in node.cli("status", job_dir.name).stdout  # type: ignore[attr-defined]
+        assert "TPS" in node.cli("status", job_dir.name).stdout
     finally:
         scp.kill()
         scp.wait()
@@ -278,7 +277,7 @@ def test_transfer_syntaxes_are_stored_as_received(node: Site, tmp_path: Path, fl
     ct(tmp_path, slices=4)
     node.write_config(dicom={"incomplete": "run"})
     node.start()
-    proc = subprocess.run([dcmtk("storescu"), flag, "-aec", "POSTBOX", "+sd", "127.0.0.1", str(node.port),  # type: ignore[attr-defined]
+    proc = subprocess.run([dcmtk("storescu"), flag, "-aec", "POSTBOX", "+sd", "127.0.0.1", str(node.port),
                            str(tmp_path / "ct")], capture_output=True, text=True, env=DCMTK_ENV, timeout=60)
     assert proc.returncode == 0, proc.stderr
     [job_dir] = node.done(1)
