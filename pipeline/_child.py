@@ -100,12 +100,18 @@ def main() -> int:
                 message = f"the algorithm called sys.exit({exc.code})"
             else:
                 message = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
+            try:
+                traceback.print_exc()
+            except OSError:
+                pass  # job.log is on the full disk too: the answer still says why (issue 8)
             # errno tells the worker a full disk (it waits for space) from the algorithm's own failure.
             answer = {"ok": False, "error": message, "errno": exc.errno if isinstance(exc, OSError) else None}
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except OSError:
+                    pass  # a full disk must not end this process: that would read as the algorithm dying
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             os.chdir(home)

@@ -982,33 +982,39 @@ def finish(claim: Claim, outbox: Path, outputs: list[OutputRecord] | None = None
     m = claim.manifest
     if outputs is not None:
         m.outputs = outputs
-    m.status = JobStatus.DONE
-    return _close(claim, outbox, discard_work=True)
+    return _close(claim, outbox, JobStatus.DONE, discard_work=True)
 
 
 def fail(claim: Claim, outbox: Path, reason: str, detail: str | None = None) -> Path:
     """Record failure (reason in job.yaml, detail in job.log) and move the job to the outbox."""
-    m = claim.manifest
-    m.status = JobStatus.FAILED
-    m.error = reason
     with open(claim.log_path, "a", encoding="utf-8") as fh:
         fh.write(f"--- failed: {reason} ---\n")
         if detail:
             fh.write(detail if detail.endswith("\n") else detail + "\n")
-    return _close(claim, outbox, discard_work=False)
+    return _close(claim, outbox, JobStatus.FAILED, discard_work=False, error=reason)
 
 
-def _close(claim: Claim, outbox: Path, *, discard_work: bool) -> Path:
+def _close(claim: Claim, outbox: Path, status: JobStatus, *, discard_work: bool, error: str | None = None) -> Path:
     m = claim.manifest
+    before = m.status, m.error, m.finished
+    m.status = status
+    if error is not None:
+        m.error = error
     m.finished = now_iso()
     m.timings["finished"] = time.time()
-    if discard_work:
-        shutil.rmtree(claim.work_dir, ignore_errors=True)
-    if (claim.job_dir / OUTPUT).exists():
-        fsync_tree(claim.job_dir / OUTPUT)
-    if claim.log_path.exists():
-        fsync_tree(claim.log_path)
-    _save(claim)
+    try:
+        if discard_work:
+            shutil.rmtree(claim.work_dir, ignore_errors=True)
+        if (claim.job_dir / OUTPUT).exists():
+            fsync_tree(claim.job_dir / OUTPUT)
+        if claim.log_path.exists():
+            fsync_tree(claim.log_path)
+        _save(claim)
+    except BaseException:
+        # Not written down, so the job is still the attempt it was: a full disk gives it back uncounted
+        # (requeue goes by the status) instead of as done or failed, which counted the attempt (issue 8).
+        m.status, m.error, m.finished = before
+        raise
     crash_point("finish.manifest")
     dest = outbox / claim.job_id
     os.rename(claim.job_dir, dest)

@@ -82,3 +82,22 @@ def fill(data_objects, working_dir, settings):
         fh.flush()
         os.fsync(fh.fileno())
     return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
+
+
+def fill_to_the_brim(data_objects, working_dir, settings):
+    """Write up to ``settings["mb"]`` MB and return it even if ENOSPC cut it short: its output takes the
+    last free byte, so the worker's own writes after it (job.yaml) meet the full disk."""
+    import errno
+
+    _record("fill_to_the_brim", data_objects, working_dir)
+    out = Path(working_dir) / "ballast.bin"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(int(settings.get("mb", 1))):
+            os.write(fd, bytes(1 << 20))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
