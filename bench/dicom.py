@@ -37,14 +37,35 @@ table with each figure, its target and PASS/MISS, and the references measured in
 - ``--profile`` also runs a ``DicomNode`` in this process for one send with cProfile in its receiving
   threads (pynetdicom's association and DUL threads) and around its series completion, timed by
   ``time.thread_time`` (waiting in select(), on a lock or for the disk does not count), and prints the top.
+
+A large series (issue 8, defect 10), ``--instances`` slices of ``--size`` (default 2,000 of 512x512, ~1 GB),
+then measures the completeness gate and the service around it (``--instances 0`` leaves it out,
+``--large-only`` leaves out everything above):
+
+- The phantom is written ``CHUNK`` slices at a time (``phantom.write_dicom`` samples its whole volume in
+  memory: ~10 GB for 2,000 slices at once) on one grid and one set of UIDs; InstanceNumber and
+  ImagesInAcquisition are then set to the whole series' own, so the gate sees one whole volume.
+- The gate: ``gate.problems(folder)`` against the old way, every header read with
+  ``pydicom.dcmread(stop_before_pixels=True)`` and kept, and against ``read_series`` (the series reader,
+  on which the old gate was built). Each runs in a fresh process (files in the page cache, imports and
+  pydicom's caches warmed on a 4-slice series first), interleaved, ``--repeat`` rounds, medians: the
+  time, the rise of the process's RSS (``VmHWM`` after ``clear_refs``, against ``VmRSS`` before) and, in
+  a second process, tracemalloc's peak.
+- The service's memory: a fresh service (as above), warmed with a small job, whose ``VmRSS`` is then its
+  idle RSS; before each send its ``VmHWM`` is reset (``/proc/PID/clear_refs``), and once the job is in
+  the outbox ``VmHWM`` minus idle is that round's peak above idle (the figure is the highest round) and
+  ``VmRSS`` minus idle what it kept.
+- Job start after release for the large series, split as for the 300 slices.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime
 import io
+import json
 import os
 import pstats
 import shutil
@@ -64,6 +85,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+import pydicom  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline import phantom  # noqa: E402
@@ -76,6 +98,12 @@ _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 TARGET_VS_STORESCP = 0.25
 TARGET_VS_DECODE = 1.3
 TARGET_JOB_START = 0.5
+# Issue 8, defect 10, for a large series (2,000 instances): the service's peak above idle, job start.
+TARGET_LARGE_RSS_MB = 50
+TARGET_LARGE_JOB_START = 1.5
+# The gate's own bound, as tests/test_gate.py asserts it: tracemalloc's peak per image.
+TARGET_GATE_BYTES_PER_IMAGE = 2048
+CHUNK = 100  # phantom slices sampled at once for the large series (~0.5 GB of arrays at 512x512)
 
 NOOP = "def noop(data_objects, working_dir, settings):\n    return []\n"
 
@@ -111,6 +139,57 @@ ae.add_supported_context(Verification)
 server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
 sys.stdin.read()  # until the bench closes stdin
 server.shutdown()
+'''
+
+
+# The gate in a process of its own: argv mode ("gate", "headers" or "series"), folder, warm-up folder,
+# "1" for tracemalloc; prints one JSON line. The process's RSS rise is VmHWM after clear_refs 5 (which
+# resets VmHWM to the current RSS) minus VmRSS before.
+GATE_CHILD = r'''
+import gc
+import json
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import pydicom
+
+from pipeline import gate
+
+mode, folder, warmup, traced = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "1"
+if mode == "series":
+    from pipeline.writers.series import read_series  # SimpleITK comes with it: loaded before the baseline
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+
+def run(where):
+    if mode == "gate":
+        return gate.problems(where)
+    if mode == "headers":  # the old way: every header, kept
+        files = sorted(p for p in where.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
+    return read_series(where)
+
+
+run(warmup)  # lazy imports and pydicom's caches are not what is measured
+gc.collect()
+if traced:
+    tracemalloc.start()
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")
+before = status("VmRSS")
+t = time.perf_counter()
+result = run(folder)
+seconds = time.perf_counter() - t
+rise = status("VmHWM") - before
+peak = tracemalloc.get_traced_memory()[1] if traced else None
+print(json.dumps({"seconds": seconds, "rss": rise, "traced": peak, "kept": len(result) if mode != "series" else 0}))
 '''
 
 
@@ -164,6 +243,19 @@ def log_time(log: Path, needle: str) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A ``/proc/PID/status`` memory figure (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(f"{key} not in /proc/{pid}/status")
+
+
+def reset_peak(pid: int) -> None:
+    """Set a process's VmHWM back to its current RSS (Linux 4.0+, same user)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def count_files(folder: Path) -> int:
@@ -312,9 +404,9 @@ class Postbox(Receiver):
         cpu = cpu_seconds(self.proc.pid)
         seconds, exited = storescu(self.port, folder, self.called)
         cpu = cpu_seconds(self.proc.pid) - cpu  # the receive only: the gate and the job come after
-        new = wait_until(lambda: set(os.listdir(self.outbox)) - before, 60)
+        new = wait_until(lambda: set(os.listdir(self.outbox)) - before, 300)
         if not new:
-            raise RuntimeError(f"no job reached the outbox within 60 s:\n{self.log.read_text()[-3000:]}")
+            raise RuntimeError(f"no job reached the outbox within 300 s:\n{self.log.read_text()[-3000:]}")
         [job_id] = new
         job = yaml.load((self.outbox / job_id / "job.yaml").read_text(), Loader=_Loader)
         if job["status"] != "done":
@@ -413,66 +505,146 @@ def profile_node(base: Path, folder: Path, top: int = 25) -> str:
     return "\n".join(out)
 
 
+# --- the large series: the gate and the service around it (issue 8, defect 10) ----------------------
+
+GATE_MODES = {
+    "gate": "`gate.problems(folder)`",
+    "headers": "every header by `dcmread(stop_before_pixels=True)`, kept, no value decoded (the old way)",
+    "series": "`read_series(folder)` (the series reader the old gate was built on)",
+}
+
+
+def write_series(folder: Path, instances: int, size: int) -> list[Path]:
+    """A phantom CT series of ``instances`` axial slices of 0.5 mm, written ``CHUNK`` slices at a time.
+
+    Each chunk is a part of one grid, written with the series' UIDs; InstanceNumber and ImagesInAcquisition
+    are then set to the whole series' own (``write_dicom`` numbers each chunk from 1).
+    """
+    grid = phantom.axial_grid(slices=instances, size=size, slice_thickness=0.5)
+    uids = {"study_uid": pydicom.uid.generate_uid(), "series_uid": pydicom.uid.generate_uid(),
+            "frame_of_reference_uid": pydicom.uid.generate_uid()}
+    scratch = folder.with_name(folder.name + ".chunk")
+    folder.mkdir(parents=True)
+    files: list[Path] = []
+    for start in range(0, instances, CHUNK):
+        part = dataclasses.replace(grid, slice_offsets=grid.slice_offsets[start:start + CHUNK])
+        for k, path in enumerate(phantom.write_dicom(scratch, part, seed=start, **uids)):
+            ds = pydicom.dcmread(path)
+            ds.InstanceNumber = start + k + 1
+            ds.ImagesInAcquisition = instances
+            files.append(folder / f"CT_{start + k + 1:05d}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+            path.unlink()
+    scratch.rmdir()
+    return files
+
+
+def measure_gate(folder: Path, warmup: Path, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Each way of gating ``folder`` in fresh processes, interleaved: seconds, RSS rise, tracemalloc peak."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    found: dict[str, dict[str, list[float]]] = {m: {"seconds": [], "rss": [], "traced": []} for m in GATE_MODES}
+    for _ in range(rounds):
+        for mode in GATE_MODES:
+            for traced in (False, True):  # tracemalloc slows the run down: its peak comes from a run of its own
+                proc = subprocess.run([sys.executable, "-c", GATE_CHILD, mode, str(folder), str(warmup),
+                                       "1" if traced else "0"], env=env, capture_output=True, text=True,
+                                      timeout=900)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"gate child {mode} exited {proc.returncode}: {proc.stderr[-2000:]}")
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                if mode == "gate" and result["kept"]:
+                    raise RuntimeError(f"the gate found {result['kept']} problem(s) in the phantom series")
+                if traced:
+                    found[mode]["traced"].append(result["traced"])
+                else:
+                    found[mode]["seconds"].append(result["seconds"])
+                    found[mode]["rss"].append(result["rss"])
+    return found
+
+
+def measure_service(node: Postbox, folder: Path, n: int, rounds: int) -> list[dict[str, float]]:
+    """Send ``folder`` to a warm service ``rounds`` times: each round's peak and RSS kept above idle.
+
+    Idle is the RSS once warm, before the first large send, for every round: what a round keeps (the old
+    gate's headers were never given back to the system) raises the next round's RSS and would hide its peak
+    from a baseline taken just before it.
+    """
+    assert node.proc is not None
+    pid = node.proc.pid
+    idle = proc_status(pid, "VmRSS")
+    found: list[dict[str, float]] = []
+    for _ in range(rounds):
+        os.sync()
+        reset_peak(pid)
+        node.send(folder, n)
+        found.append({"idle": idle, "peak": proc_status(pid, "VmHWM") - idle,
+                      "kept": proc_status(pid, "VmRSS") - idle})
+    return found
+
+
+def latency_rows(node: Postbox, target: float, what: str) -> list[Row]:
+    """Job start after the release of ``node``'s recorded sends, and its parts."""
+    parts = (
+        ("start", f"job start after release{what}: storescu exit -> `timings.algorithm_started`", target),
+        ("gate", "  of which storescu exit -> `timings.committed` (node: series gate, manifest)", None),
+        ("fsync", "  of which `committed` -> renamed into inbox/ (fsync of the inputs; service log, ms)", None),
+        ("pickup", "  of which renamed -> `timings.claimed` (worker wakes, claims, gates again)", None),
+        ("dispatch", "  of which `claimed` -> `algorithm_started` (warm child)", None),
+    )
+    rows = []
+    for key, label, goal in parts:
+        vals = [lat[key] for lat in node.latencies]
+        m = statistics.median(vals)
+        rows.append(Row(f"{label}, median of {len(vals)}", f"{m:.3f} s", f"< {goal} s" if goal else "-",
+                        (m < goal) if goal else None, "runs " + " / ".join(f"{v:.3f}" for v in vals) + " s", "-"))
+    return rows
+
+
+def large_rows(gates: dict[str, dict[str, list[float]]], n: int, node: Postbox,
+               memory: list[dict[str, float]]) -> list[Row]:
+    med = {mode: {key: statistics.median(vals) for key, vals in figures.items()} for mode, figures in gates.items()}
+    g, h, s = med["gate"], med["headers"], med["series"]
+    rounds = len(gates["gate"]["seconds"])
+    mib = 1024 * 1024
+
+    def runs(mode: str, key: str, scale: float, fmt: str) -> str:
+        return " / ".join(format(v / scale, fmt) for v in gates[mode][key])
+
+    rows = [
+        Row(f"gate time, {GATE_MODES['gate']} on {n} files, median of {rounds} (fresh process each; "
+            f"runs {runs('gate', 'seconds', 1, '.2f')} s)",
+            f"{g['seconds']:.2f} s ({g['seconds'] / n * 1e6:.0f} µs/file)", "-", None,
+            f"old way (`dcmread` every header, kept) {h['seconds']:.2f} s; read_series {s['seconds']:.2f} s",
+            f"{g['seconds'] / h['seconds']:.2f}x old way, {g['seconds'] / s['seconds']:.2f}x read_series"),
+        Row(f"gate peak memory, tracemalloc (runs {runs('gate', 'traced', mib, '.2f')} MiB)",
+            f"{g['traced'] / mib:.2f} MiB ({g['traced'] / n:.0f} B/image)",
+            f"< {TARGET_GATE_BYTES_PER_IMAGE} B/image", g["traced"] / n < TARGET_GATE_BYTES_PER_IMAGE,
+            f"old way {h['traced'] / mib:.0f} MiB ({h['traced'] / n / 1024:.0f} KiB/image); "
+            f"read_series {s['traced'] / mib:.0f} MiB",
+            f"{g['traced'] / h['traced']:.3f}x old way, {g['traced'] / s['traced']:.3f}x read_series"),
+        Row(f"gate process RSS rise, `VmHWM` - `VmRSS` before (runs {runs('gate', 'rss', mib, '.1f')} MiB)",
+            f"{g['rss'] / mib:.1f} MiB", "-", None,
+            f"old way {h['rss'] / mib:.0f} MiB; read_series {s['rss'] / mib:.0f} MiB",
+            f"{g['rss'] / max(h['rss'], 1):.3f}x old way, {g['rss'] / max(s['rss'], 1):.3f}x read_series"),
+    ]
+    peak = max(m["peak"] for m in memory) / mib
+    idle = memory[0]["idle"] / mib
+    kept = memory[-1]["kept"] / mib
+    rows.append(Row(f"service peak RSS above idle, {n} instances received and made a job (`VmHWM` - warm idle "
+                    f"`VmRSS`), highest of {len(memory)}", f"{peak:.0f} MiB", f"< {TARGET_LARGE_RSS_MB} MB",
+                    peak * mib < TARGET_LARGE_RSS_MB * 1e6,
+                    f"idle {idle:.0f} MiB, kept after the last job +{kept:.0f} MiB; runs "
+                    + " / ".join(f"{m['peak'] / mib:.0f}" for m in memory) + " MiB", "-"))
+    rows.extend(latency_rows(node, TARGET_LARGE_JOB_START, f" ({n} instances)"))
+    return rows
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--slices", type=int, default=300, help="slices of the CT phantom (default 300)")
-    p.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default 512)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds; the figure is their median (default 3)")
-    p.add_argument("--echoes", type=int, default=7, help="echoscu runs per receiver (default 7)")
-    p.add_argument("--profile", action="store_true", help="also profile an in-process node (cProfile)")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
-    args = p.parse_args(argv)
-    for tool in (STORESCU, STORESCP, ECHOSCU):
-        if not os.access(tool, os.X_OK):
-            print(f"bench: {tool} is missing (apt-get install -y dcmtk)", file=sys.stderr)
-            return 2
-    base = Path(tempfile.mkdtemp(prefix="postbox-bench-dicom-"))
-    notes: list[str] = []
-    t_all = time.perf_counter()
-    receivers: list[Receiver] = []
-    profile_text = ""
-    try:
-        t = time.perf_counter()
-        files = phantom.write_dicom(base / "ct", phantom.axial_grid(slices=args.slices, size=args.size))
-        n = len(files)
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        notes.append(f"phantom: {n} instances, {mb:.1f} MB ({mb / n * 1000:.0f} kB each), written in "
-                     f"{time.perf_counter() - t:.1f} s")
-        small = phantom.write_dicom(base / "warmup", phantom.axial_grid(slices=4, size=32))
-
-        node = Postbox(base / "postbox")
-        scp = Storescp(base / "storescp")
-        decode = PlainScp(base / "pyscp-decode", "decode")
-        raw = PlainScp(base / "pyscp-raw", "raw")
-        receivers = [node, scp, decode, raw]
-        for r in receivers:
-            r.start()
-        node.send(base / "warmup", len(small), record=False)
-        notes.append(f"warm-up job (4 slices, cold algorithm child): storescu exit -> algorithm_started "
-                     f"{node.warmup['start']:.3f} s")
-        for r in receivers:
-            r.echo_times(args.echoes)
-
-        for _ in range(args.repeat):
-            for r in receivers:
-                os.sync()
-                r.send(base / "ct", n)
-        if args.profile:
-            os.sync()
-            profile_text = profile_node(base, base / "ct")
-    finally:
-        for r in receivers:
-            r.stop()
-        if receivers and isinstance(receivers[0], Postbox):
-            notes.extend(receivers[0].problems())
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-
+def throughput_rows(n: int, mb: float, node: Postbox, scp: Receiver, decode: Receiver,
+                    raw: Receiver) -> list[Row]:
+    receivers = [node, scp, decode, raw]
     med = {r: statistics.median(r.times) for r in receivers}
     rate = {r: n / med[r] for r in receivers}
 
@@ -500,24 +672,108 @@ def main(argv: list[str] | None = None) -> int:
                     f"node {echo_ms[node]:.0f} ms", "-", None,
                     f"storescp {echo_ms[scp]:.0f} ms, pynetdicom SCP {echo_ms[raw]:.0f} ms",
                     f"{echo_ms[node] / echo_ms[raw]:.2f}x pynetdicom"))
-    parts = (
-        ("start", "job start after release: storescu exit -> `timings.algorithm_started`", TARGET_JOB_START),
-        ("gate", "  of which storescu exit -> `timings.committed` (node: series gate, manifest)", None),
-        ("fsync", "  of which `committed` -> renamed into inbox/ (fsync of the inputs; service log, ms)", None),
-        ("pickup", "  of which renamed -> `timings.claimed` (worker wakes, claims, gates again)", None),
-        ("dispatch", "  of which `claimed` -> `algorithm_started` (warm child)", None),
-    )
-    for key, label, target in parts:
-        vals = [lat[key] for lat in node.latencies]
-        m = statistics.median(vals)
-        rows.append(Row(f"{label}, median of {len(vals)}", f"{m:.3f} s", f"< {target} s" if target else "-",
-                        (m < target) if target else None,
-                        "runs " + " / ".join(f"{v:.3f}" for v in vals) + " s", "-"))
+    rows.extend(latency_rows(node, TARGET_JOB_START, ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slices", type=int, default=300, help="slices of the CT phantom (default 300)")
+    p.add_argument("--size", type=int, default=512, help="rows and columns of each slice (default 512)")
+    p.add_argument("--instances", type=int, default=2000,
+                   help="instances of the large series for the gate, the service's memory and job start "
+                        "(default 2000; 0 leaves it out)")
+    p.add_argument("--large-only", action="store_true",
+                   help="only the large series: no throughput against the other receivers")
+    p.add_argument("--repeat", type=int, default=3, help="rounds; the figure is their median (default 3)")
+    p.add_argument("--echoes", type=int, default=7, help="echoscu runs per receiver (default 7)")
+    p.add_argument("--profile", action="store_true", help="also profile an in-process node (cProfile)")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
+    args = p.parse_args(argv)
+    for tool in (STORESCU, STORESCP, ECHOSCU):
+        if not os.access(tool, os.X_OK):
+            print(f"bench: {tool} is missing (apt-get install -y dcmtk)", file=sys.stderr)
+            return 2
+    base = Path(tempfile.mkdtemp(prefix="postbox-bench-dicom-"))
+    notes: list[str] = []
+    t_all = time.perf_counter()
+    receivers: list[Receiver] = []
+    throughput: tuple[Postbox, Receiver, Receiver, Receiver] | None = None
+    large: tuple[dict[str, dict[str, list[float]]], Postbox, list[dict[str, float]]] | None = None
+    profile_text = ""
+    n = mb = big_mb = 0.0
+    try:
+        small = phantom.write_dicom(base / "warmup", phantom.axial_grid(slices=4, size=32))
+        if not args.large_only:
+            t = time.perf_counter()
+            files = phantom.write_dicom(base / "ct", phantom.axial_grid(slices=args.slices, size=args.size))
+            n = len(files)
+            mb = sum(f.stat().st_size for f in files) / 1e6
+            notes.append(f"phantom: {n} instances, {mb:.1f} MB ({mb / n * 1000:.0f} kB each), written in "
+                         f"{time.perf_counter() - t:.1f} s")
+
+            node = Postbox(base / "postbox")
+            scp = Storescp(base / "storescp")
+            decode = PlainScp(base / "pyscp-decode", "decode")
+            raw = PlainScp(base / "pyscp-raw", "raw")
+            receivers.extend([node, scp, decode, raw])
+            for r in receivers:
+                r.start()
+            node.send(base / "warmup", len(small), record=False)
+            notes.append(f"warm-up job (4 slices, cold algorithm child): storescu exit -> algorithm_started "
+                         f"{node.warmup['start']:.3f} s")
+            for r in receivers:
+                r.echo_times(args.echoes)
+
+            for _ in range(args.repeat):
+                for r in receivers:
+                    os.sync()
+                    r.send(base / "ct", int(n))
+            if args.profile:
+                os.sync()
+                profile_text = profile_node(base, base / "ct")
+            for r in receivers:
+                r.stop()
+            throughput = (node, scp, decode, raw)
+        if args.instances > 0:
+            t = time.perf_counter()
+            big = write_series(base / "large", args.instances, args.size)
+            big_mb = sum(f.stat().st_size for f in big) / 1e6
+            notes.append(f"large series: {len(big)} instances, {big_mb:.0f} MB, written in "
+                         f"{time.perf_counter() - t:.0f} s ({CHUNK} slices at a time)")
+            os.sync()
+            gates = measure_gate(base / "large", base / "warmup", args.repeat)
+            node_large = Postbox(base / "postbox-large")
+            receivers.append(node_large)
+            node_large.start()
+            node_large.send(base / "warmup", len(small), record=False)
+            memory = measure_service(node_large, base / "large", len(big), args.repeat)
+            node_large.stop()
+            large = (gates, node_large, memory)
+    finally:
+        for r in receivers:
+            r.stop()
+            if isinstance(r, Postbox):
+                notes.extend(r.problems())
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+    rows: list[Row] = []
+    if throughput is not None:
+        rows.extend(throughput_rows(int(n), mb, *throughput))
+    if large is not None:
+        rows.extend(large_rows(large[0], args.instances, large[1], large[2]))
 
     print(f"# Postbox DICOM node benchmark ({os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"{time.perf_counter() - t_all:.0f} s)\n")
-    print(f"{n} CT instances of {args.size}x{args.size} ({mb:.0f} MB), one `storescu +sd` association each, "
-          "TCP_NODELAY=1; figures are medians of the interleaved rounds.\n")
+    if throughput is not None:
+        print(f"{n:.0f} CT instances of {args.size}x{args.size} ({mb:.0f} MB), one `storescu +sd` association "
+              "each, TCP_NODELAY=1; figures are medians of the interleaved rounds.\n")
+    if large is not None:
+        print(f"Large series: {args.instances} CT instances of {args.size}x{args.size} ({big_mb:.0f} MB) for "
+              "the gate, the service's memory and job start.\n")
     head = ["figure", "measured", "target", "result", "reference (same run)", "ratio"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")

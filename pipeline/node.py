@@ -27,7 +27,7 @@ from typing import Any
 
 from pydicom import uid as _uid
 from pydicom.filereader import read_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -51,7 +51,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 _ROUTING_KEYWORDS = ("Modality", "SeriesDescription", "StudyDescription", "BodyPartExamined", "ProtocolName",
                      "Manufacturer", "StationName")
-_LAST_TAG_NEEDED = 0x0020000E  # SeriesInstanceUID: everything filing and routing need comes before it
 # The syntaxes scanners and PACS send: uncompressed, deflated, and the common compressed ones, stored as
 # received. Not pynetdicom's all 45: it copies the list per association (45 ms against 6 ms a set-up).
 TRANSFER_SYNTAXES = [str(getattr(_uid, name)) for name in (
@@ -73,6 +72,10 @@ class _Series:
     associations: set[int] = field(default_factory=set)
     held: bool = False
     verdict: list[str] = field(default_factory=list)  # the completeness gate's problems, empty when whole
+    # The gate's record of every image stored, by SOP Instance UID (a resend replaces its record). None when
+    # they are not all known (a series resumed after a restart, a header the record refused): then the gate
+    # reads the folder.
+    geometry: dict[str, gate.Geometry] | None = field(default_factory=dict)
     failures: int = 0  # commits that failed (a full disk): tried again with backoff, never dropped
     retry_at: float = 0.0
 
@@ -92,11 +95,17 @@ def route_for(config: Config, called_ae: str, calling_ae: str, attributes: dict[
 
 
 def _headers(raw: bytes, transfer_syntax: str) -> Any:
-    """Parse just the attributes needed to file and route an instance, not the pixel data."""
+    """Parse just the attributes needed to file, route and gate an instance, never the pixel data.
+
+    Everything filing and routing need comes before SeriesInstanceUID, and the completeness gate's geometry
+    ends at PixelSpacing (``gate.LAST_TAG``): one parse serves all three, so a completed series is checked
+    from records kept in memory, with no file read again (issue 8).
+    """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         raw = zlib.decompress(raw, -zlib.MAX_WBITS)
     implicit = transfer_syntax == ImplicitVRLittleEndian
-    return read_dataset(io.BytesIO(raw), implicit, True, stop_when=lambda tag, *_: tag > _LAST_TAG_NEEDED)
+    little = transfer_syntax != ExplicitVRBigEndian
+    return read_dataset(io.BytesIO(raw), implicit, little, stop_when=gate.past_last_tag)
 
 
 class DicomNode:
@@ -215,6 +224,11 @@ class DicomNode:
             series.writing += 1
             series.associations.add(id(assoc))
             series.last = time.monotonic()
+        try:
+            geometry = gate.Geometry.from_dataset(ds, name=f"{sop_uid}.dcm")
+        except InvalidInput:
+            geometry = None  # the gate reads the file at completion and says what is wrong with it
+            series.geometry = None
         stored = False
         target = series.folder / f"{sop_uid}.dcm"
         tmp = series.folder / f".{sop_uid}.{secrets.token_hex(3)}.tmp"
@@ -239,6 +253,8 @@ class DicomNode:
                 series.writing -= 1
                 series.instances += stored
                 series.last = time.monotonic()
+                if stored and geometry is not None and series.geometry is not None:
+                    series.geometry[sop_uid] = geometry
                 if not stored and series.instances == 0 and series.writing == 0 \
                         and self._series.get(key) is series:
                     # Nothing of it was acknowledged: a refused first instance leaves no staging folder.
@@ -319,7 +335,7 @@ class DicomNode:
                 log.error("dicom: staging folder %s has an unreadable %s (%s); left for an operator", sdir.name,
                           state_file.name, type(exc).__name__)
                 continue
-            series = _Series(key, sdir.name, sdir, state, time.monotonic())
+            series = _Series(key, sdir.name, sdir, state, time.monotonic(), geometry=None)
             series.instances = sum(1 for _ in series.folder.glob("*.dcm")) if series.folder.is_dir() else 0
             self._series[key] = series
             log.info("dicom: resumed series %s (%d instances) as job %s", key[2], series.instances, sdir.name)
@@ -410,7 +426,10 @@ class DicomNode:
     def _gate_passes(self, series: _Series) -> bool:
         """Run the completeness gate; False if the series is held once more for the rest to arrive."""
         try:
-            series.verdict = gate.problems(series.folder)
+            if series.geometry is not None:
+                series.verdict = gate.problems_of(series.geometry.values(), series_dir=series.folder)
+            else:
+                series.verdict = gate.problems(series.folder)
         except InvalidInput as exc:
             series.verdict = [exc.reason]
         if series.verdict and not series.held:
