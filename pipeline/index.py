@@ -342,7 +342,8 @@ class Index:
                     with _jobs.finished_lock(inbox, job_id):
                         _jobs.set_aside(job_dir, outbox, exc.problem, index=self)
                 else:
-                    log.warning("%s", exc)
+                    # Not said here: the claim sets it aside and says so, once (issue 8: one line per job).
+                    log.debug("%s", exc)
                 continue
             except OSError as exc:
                 log.warning("job %s: unreadable job.yaml while repairing the index (%s)", job_id,

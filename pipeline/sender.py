@@ -78,6 +78,17 @@ def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout
             assoc.release()
 
 
+def _abort(assoc: Any) -> None:
+    """Abort ``assoc`` from another thread, and wake a C-STORE that waits on it for an answer.
+
+    pynetdicom wakes that wait when the peer aborts or the connection drops (its state machine puts
+    ``(None, None)`` on the DIMSE queue), but not for an abort of our own: the send would wait on for
+    dimse_timeout, past worker.stop_timeout, and the files it had stored would go again after the restart.
+    """
+    assoc.abort()
+    assoc.dimse.msg_queue.put((None, None))
+
+
 class Sender:
     """Delivers pending sends of finished jobs; wakes on ``notify`` and rescans the index for the rest."""
 
@@ -100,7 +111,7 @@ class Sender:
         self._wake.set()
         with self._assoc_lock:
             if self._assoc is not None:
-                self._assoc.abort()
+                _abort(self._assoc)
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():
@@ -161,7 +172,7 @@ class Sender:
         with self._assoc_lock:
             self._assoc = assoc
         if assoc is not None and self._stop.is_set():
-            assoc.abort()
+            _abort(assoc)
 
     def _attempt(self, job_id: str, name: str) -> None:
         cfg = self.config

@@ -146,6 +146,8 @@ class Service:
             while not self._stop.wait(0.05):
                 if ready is None and worker.ready.is_set():
                     ready = ReadyFile.write(cfg.inbox, ports)
+                    if sender is not None:
+                        sender.notify()  # the index is repaired now: the sends pending at the last stop go
                 if not thread.is_alive():
                     break
         finally:

@@ -20,7 +20,7 @@ from . import gate, jobs
 from .algorithms import merge_settings, resolve
 from .config import AlgorithmConfig, Config
 from .dataobject import DataObject
-from .errors import AlgorithmFailed, ClaimLost, InvalidInput, UnknownAlgorithm
+from .errors import AlgorithmFailed, ClaimLost, DamagedManifest, InvalidInput, UnknownAlgorithm
 from .health import DISK_FULL, Health, Throttle, free_bytes, is_disk_full
 from .index import Index
 from .postprocess import add_dicom_outputs
@@ -72,6 +72,10 @@ class Worker:
         Raises what stops it from starting at all (the service then exits non-zero).
         """
         cfg = self.config
+        # Every door stages its jobs in .staging and every claim takes its lock in .locks: a file in the place of
+        # either is a fatal start error (issue 8: exit non-zero), not a service that says ready and takes nothing.
+        for folder in (jobs.STAGING, jobs.LOCKS):
+            (cfg.inbox / folder).mkdir(exist_ok=True)
         self._recover()
         self.index.repair(cfg.inbox, cfg.outbox)
         observer = watch(cfg.inbox, self.wake)
@@ -139,7 +143,11 @@ class Worker:
 
     def _dispatch(self) -> None:
         cfg = self.config
-        for job_id in jobs.scan(cfg.inbox):
+        pending = jobs.scan(cfg.inbox)
+        present = set(pending)
+        for job_id in [j for j in self._waiting if j not in present]:
+            del self._waiting[job_id]  # gone from the inbox: if it comes back, it is said again
+        for job_id in pending:
             if self._stop.is_set() or time.monotonic() < self._paused_until:
                 return
             with self._lock:
@@ -156,9 +164,7 @@ class Worker:
                 self._wait(job_id, f"its lock cannot be taken ({exc.strerror or type(exc).__name__})", error=True)
                 continue
             if claim is None:
-                if (cfg.inbox / job_id).is_dir():
-                    self._wait(job_id, "another process holds its lock (another Postbox on this inbox runs it, "
-                                       "or a stuck process holds it)")
+                self._held_elsewhere(job_id)
                 continue
             capacity = self._take_capacity(claim)
             if capacity is False:
@@ -169,9 +175,18 @@ class Worker:
             with self._lock:
                 self._running[job_id] = claim
             self._executor.submit(self._run_job, claim, capacity)
-        known = set(jobs.scan(cfg.inbox))
-        for job_id in [j for j in self._waiting if j not in known]:
-            del self._waiting[job_id]
+
+    def _held_elsewhere(self, job_id: str) -> None:
+        """Another process holds the job's lock: normal if it runs the job, worth a line if not."""
+        try:
+            status = jobs.read_manifest(self.config.inbox / job_id).status
+        except (FileNotFoundError, DamagedManifest):
+            return  # finished meanwhile, or being set aside by the holder
+        if status == jobs.JobStatus.RUNNING:
+            log.debug("job %s: runs in another process", job_id)
+            return
+        self._wait(job_id, "another process holds its lock without running it (a stuck process, or one "
+                           "that is only now starting it); it runs here when the lock is freed")
 
     def _wait(self, job_id: str, why: str, *, error: bool = False) -> None:
         if self._waiting.get(job_id) != why:

@@ -15,8 +15,9 @@ from typing import Any
 
 import pydicom
 import pytest
+from _peers import Destination
 from conftest import Site, outbox_jobs, read_job, wait_for
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from pipeline import crashpoints, phantom
@@ -52,25 +53,6 @@ def test_every_crash_point_in_the_code_is_listed_and_has_a_scenario() -> None:
         used |= set(re.findall(r"""crash_point\(["']([\w.]+)["']\)""", path.read_text()))
     assert used == set(crashpoints.POINTS), "crash points in the code and in crashpoints.POINTS differ"
     assert set(SCENARIOS) == set(crashpoints.POINTS), "every crash point needs a scenario in this file"
-
-
-class Destination:
-    """A C-STORE SCP in this process that counts what it receives, per SOP Instance UID."""
-
-    def __init__(self) -> None:
-        self.received: collections.Counter[str] = collections.Counter()
-        self.ae = AE(ae_title="TPS")
-        self.ae.supported_contexts = StoragePresentationContexts
-        self.server = self.ae.start_server(("127.0.0.1", 0), block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        self.port = self.server.server_address[1]
-
-    def _store(self, event: Any) -> int:
-        self.received[str(event.request.AffectedSOPInstanceUID)] += 1
-        return 0x0000
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 @pytest.fixture
@@ -271,6 +253,6 @@ def _dicom(site: Site, point: str, series: list[Path], destination: Destination)
         # Stored but not yet written down when the process died: that one point sends again (DICOM's C-STORE
         # of one SOP Instance UID replaces it at the destination); every other point delivers exactly once.
         most = 2 if point == "send.stored" else 1
-        assert destination.received and all(1 <= n <= most for n in destination.received.values()), \
-            destination.received
-        assert len(destination.received) == len(sent["files"])
+        assert destination.stored and all(1 <= n <= most for n in destination.stored.values()), \
+            destination.stored
+        assert len(destination.stored) == len(sent["files"])
