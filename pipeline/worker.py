@@ -136,7 +136,9 @@ class Worker:
                 jobs.adopt(self.config.inbox, item, index=self.index)
             except (OSError, InvalidInput) as exc:
                 if is_disk_full(exc):
-                    raise  # the item stays where it is (or in staging, for recover): wait for space
+                    # The item stays where it is, or half way in staging: recover() finishes it with space.
+                    self._recover_left += 1
+                    raise
                 log.error("inbox: cannot take %s as a job: %s", item.name, exc)
                 self._bad_drops.add(item)
         return wait
