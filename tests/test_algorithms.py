@@ -160,7 +160,7 @@ def test_a_command_dies_with_its_killed_worker(site: Site, tmp_path: Path) -> No
     (site.root / "hang.py").write_text(textwrap.dedent('''
         import os, sys, time
         open(sys.argv[1], "w").write(str(os.getpid()))
-        time.sleep(120)  # the tool's own long run, killed with its worker
+        time.sleep(120)  # the tool's own long run, killed with its worker: not a wait
     '''))
     site.config["algorithms"].append({"name": "hang", "command": [sys.executable, str(site.root / "hang.py"),
                                                                   str(tmp_path / "pid")]})
