@@ -718,9 +718,13 @@ def recover(inbox: Path, outbox: Path, *, index: JobIndex | None = None) -> tupl
             elif (sdir / DROPPED).is_dir():
                 done.append(_build_adopted(inbox, sdir, index).id)
             elif not (sdir / RECEIVING).exists() and time.time() - _newest_mtime(sdir) > ABANDONED_SECONDS:
-                # Input only, untouched for an hour: its door died before it acknowledged anything.
-                discard(sdir)
-                log.info("staging: removed %s, abandoned before it was acknowledged", sdir.name)
+                # Input only, untouched for an hour: its door died before it committed the job.
+                if any(p.is_file() for p in sdir.rglob("*")):
+                    set_aside(sdir, outbox, "abandoned in the staging area before it became a job", index=index,
+                              abandoned=True)
+                else:
+                    discard(sdir)  # nothing was received: nothing to keep
+                    log.info("staging: removed %s, abandoned empty", sdir.name)
         except FileNotFoundError:
             if not (inbox / sdir.name).is_dir():  # else: committed by another process meanwhile
                 left += 1
@@ -746,23 +750,32 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def set_aside(job_dir: Path, outbox: Path, problem: str, *, index: JobIndex | None = None) -> Path:
-    """Take a job whose job.yaml is damaged out of the way: failed, in the outbox, the damaged file kept.
+def set_aside(job_dir: Path, outbox: Path, problem: str, *, index: JobIndex | None = None,
+              abandoned: bool = False) -> Path:
+    """Take a job that cannot run out of the way: failed, in the outbox, nothing in it deleted.
 
-    The job never runs (what it asked for cannot be read); its folder keeps its inputs and the damaged
-    file as ``job.yaml.damaged`` for an operator to look at. The caller holds the job's lock if it has one.
+    A job whose job.yaml is damaged never runs (what it asked for cannot be read); its folder keeps its
+    inputs and the damaged file as ``job.yaml.damaged`` for an operator to look at. An ``abandoned`` staging
+    folder (inputs, no record, its door long gone) is kept the same way: what it holds may have been
+    acknowledged by a release that lost it (0.1.0's DICOM commit), and nothing is deleted but by a
+    retention rule. The caller holds the job's lock if it has one.
     """
     job_id = job_dir.name
-    os.replace(job_dir / JOB_FILE, _unique(job_dir, f"{JOB_FILE}.damaged"))
-    manifest = JobManifest(id=job_id, source="unknown", status=JobStatus.FAILED, finished=now_iso(),
-                           error=f"job.yaml was damaged ({problem}); the job was set aside without running, "
-                                 "the damaged file kept as job.yaml.damaged")
+    if abandoned:
+        error = (f"{problem}; its inputs are kept in input/ for an operator (submit them again to run them)")
+        said = f"set aside as failed in the outbox: {problem}"
+    else:
+        os.replace(job_dir / JOB_FILE, _unique(job_dir, f"{JOB_FILE}.damaged"))
+        error = (f"job.yaml was damaged ({problem}); the job was set aside without running, the damaged file "
+                 "kept as job.yaml.damaged")
+        said = f"job.yaml is damaged ({problem}); set aside as failed in the outbox"
+    manifest = JobManifest(id=job_id, source="unknown", status=JobStatus.FAILED, finished=now_iso(), error=error)
     write_manifest(job_dir, manifest)
     dest = outbox / job_id
     if job_dir != dest:
         os.rename(job_dir, dest)
         fsync_dir(outbox)
-    log.error("job %s: job.yaml is damaged (%s); set aside as failed in the outbox", job_id, problem)
+    log.error("job %s: %s", job_id, said)
     _record(index, manifest, "outbox")
     return dest
 

@@ -125,11 +125,15 @@ def test_recover_knows_each_state_of_a_staging_folder(boxes: Boxes, payload: Pat
     dropped = staging / jobs.new_job_id()
     (dropped / jobs.DROPPED).mkdir(parents=True)
     shutil.copy(payload, dropped / jobs.DROPPED / "drop.txt")
-    # Inputs only: a door writing it now (left alone), or one that died before acknowledging (removed).
+    # Inputs only: a door writing it now (left alone); one whose door died long ago with nothing in it
+    # (removed); one with files in it, as 0.1.0's DICOM commit left acknowledged series (kept, set aside).
     writing = jobs.stage(boxes.inbox)
     abandoned = jobs.stage(boxes.inbox)
+    lost = jobs.stage(boxes.inbox)
+    (lost / jobs.INPUT / "series-1").mkdir()
+    (lost / jobs.INPUT / "series-1" / "1.2.3.dcm").write_bytes(b"acknowledged")
     old = time.time() - jobs.ABANDONED_SECONDS - 60
-    for path in (abandoned, abandoned / jobs.INPUT):
+    for path in (abandoned, abandoned / jobs.INPUT, *lost.rglob("*"), lost):
         os.utime(path, (old, old))
     # A damaged job.yaml: set aside as failed in the outbox, the damaged bytes kept.
     damaged = jobs.stage(boxes.inbox)
@@ -143,6 +147,9 @@ def test_recover_knows_each_state_of_a_staging_folder(boxes: Boxes, payload: Pat
     assert (boxes.outbox / damaged.name / "job.yaml.damaged").read_text() == "id: [unclosed"
     aside = jobs.read_manifest(boxes.outbox / damaged.name)
     assert aside.status == jobs.JobStatus.FAILED and "job.yaml was damaged" in (aside.error or "")
+    assert (boxes.outbox / lost.name / "input" / "series-1" / "1.2.3.dcm").read_bytes() == b"acknowledged"
+    kept = jobs.read_manifest(boxes.outbox / lost.name)
+    assert kept.status == jobs.JobStatus.FAILED and "abandoned in the staging area" in (kept.error or "")
 
 
 # --- claiming, attempts and finishing ----------------------------------------------------------------
