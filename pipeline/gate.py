@@ -317,15 +317,7 @@ class _Volume:
 
     def _begin(self, first: Geometry) -> None:
         cosines = _vector(first, "ImageOrientationPatient", first.orientation)
-        orientation = np.array(cosines)
-        row_direction, column_direction = orientation[:3], orientation[3:]
-        if (abs(np.linalg.norm(row_direction) - 1) > 1e-3 or abs(np.linalg.norm(column_direction) - 1) > 1e-3
-                or abs(row_direction @ column_direction) > 1e-3):
-            raise InvalidInput(f"series image {first.name} has an ImageOrientationPatient that is not two "
-                               f"orthogonal unit vectors: {list(cosines)}")
-        row_direction = row_direction / np.linalg.norm(row_direction)
-        column_direction = column_direction / np.linalg.norm(column_direction)
-        self.normal = np.cross(row_direction, column_direction)
+        _, _, self.normal = slice_axes(cosines, first.name)
         spacing = _vector(first, "PixelSpacing", first.pixel_spacing)
         if min(spacing) <= 0:
             raise InvalidInput(f"series image {first.name} has a PixelSpacing that is not positive: "
@@ -396,6 +388,25 @@ class _Volume:
                 found.append(f"{len(offsets)} of the {announced} images announced (ImagesInAcquisition) "
                              "have arrived")
         return found
+
+
+def slice_axes(cosines: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The row and column directions of an ImageOrientationPatient, normalised, and the slice normal.
+
+    Raises
+    ------
+    InvalidInput
+        If the six values are not two orthogonal unit vectors (naming the image ``name``).
+    """
+    orientation = np.array([float(v) for v in cosines])
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    if (abs(np.linalg.norm(row_direction) - 1) > 1e-3 or abs(np.linalg.norm(column_direction) - 1) > 1e-3
+            or abs(row_direction @ column_direction) > 1e-3):
+        raise InvalidInput(f"series image {name} has an ImageOrientationPatient that is not two "
+                           f"orthogonal unit vectors: {orientation.tolist()}")
+    row_direction = row_direction / np.linalg.norm(row_direction)
+    column_direction = column_direction / np.linalg.norm(column_direction)
+    return row_direction, column_direction, np.cross(row_direction, column_direction)
 
 
 def _gaps(offsets: np.ndarray, axis: str) -> list[str]:

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import InvalidInput
+from pipeline.gate import slice_axes
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +284,7 @@ def read_series(series_dir: Path) -> Series:
         raise InvalidInput(f"series folder {series_dir} holds {len(series_uids)} series "
                            f"({', '.join(series_uids)}); send one series per job")
     orientation = _vector(first, "ImageOrientationPatient", 6, first_path)
-    row_direction, column_direction = orientation[:3], orientation[3:]
-    if (abs(np.linalg.norm(row_direction) - 1) > 1e-3 or abs(np.linalg.norm(column_direction) - 1) > 1e-3
-            or abs(row_direction @ column_direction) > 1e-3):
-        raise InvalidInput(f"series image {first_path.name} has an ImageOrientationPatient that is not two "
-                           f"orthogonal unit vectors: {list(orientation)}")
-    row_direction = row_direction / np.linalg.norm(row_direction)
-    column_direction = column_direction / np.linalg.norm(column_direction)
-    normal = np.cross(row_direction, column_direction)
+    row_direction, column_direction, normal = slice_axes(orientation.tolist(), first_path.name)
     pixel_spacing = _vector(first, "PixelSpacing", 2, first_path)
     if pixel_spacing.min() <= 0:
         raise InvalidInput(f"series image {first_path.name} has a PixelSpacing that is not positive: "
