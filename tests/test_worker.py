@@ -200,9 +200,12 @@ def test_max_parallel_caps_an_algorithm(site: Site, payload: Path) -> None:
 def test_sigterm_gives_a_running_job_back_untouched(site: Site, payload: Path) -> None:
     site.write_config(default_algorithm="slow")
     proc = site.start()
+    doors = site.doors(proc)  # the ready file names the doors that listen: DICOM is off in this site
+    assert set(doors) == {"http"} and doors["http"]["port"] > 0
     job_id = submit(site, payload, "--settings", '{"seconds": 60}')
     wait_for(lambda: (site.inbox / job_id / "work").exists() and site.runs())
     assert site.stop(proc, signal.SIGTERM) == 0
+    assert not site.ready_file(proc).exists(), "a clean stop removes the ready file"
     job = read_job(site.inbox / job_id)
     assert job["status"] == "pending" and job["attempts"] == 0
     assert not (site.inbox / job_id / "work").exists()
