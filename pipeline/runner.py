@@ -99,9 +99,14 @@ class Child:
                     self.kill()
                     raise AlgorithmFailed(job_id, f"timed out after {timeout:g} s (worker.job_timeout); "
                                                   "its process was killed")
-                if not sel.select(remaining):
-                    continue
-                chunk = os.read(fd, 65536)
+                try:
+                    if not sel.select(remaining):
+                        continue
+                    chunk = os.read(fd, 65536)
+                except OSError as exc:
+                    self.kill()
+                    raise AlgorithmFailed(job_id, "lost the algorithm process's reply channel "
+                                                  f"({exc.strerror or type(exc).__name__})") from None
                 if not chunk:
                     self.proc.wait()
                     raise AlgorithmFailed(job_id, f"algorithm process died ({describe_exit(self.proc.returncode)})")
@@ -113,6 +118,15 @@ class Child:
             self.kill()
             raise AlgorithmFailed(job_id, "the algorithm process answered garbage on its reply channel: "
                                           f"{line[:80]!r}") from None
+
+    def signal_kill(self) -> None:
+        """SIGKILL the process only: its job's thread, reading its pipe, sees it die and cleans up.
+
+        Closing the pipes from another thread would pull the file descriptor from under that read (EBADF, or
+        worse, a number already reused), and the job would fail instead of being given back.
+        """
+        if self.proc.poll() is None:
+            self.proc.kill()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -184,10 +198,13 @@ class ChildPool:
         """Stop every child, busy ones included (their jobs are given back by the worker)."""
         with self._lock:
             self._closed = True
-            children = [c for idle in self._idle.values() for c in idle] + list(self._busy)
+            idle = [c for children in self._idle.values() for c in children]
+            busy = list(self._busy)
             self._idle.clear()
-        for child in children:
+        for child in idle:
             child.kill()
+        for child in busy:
+            child.signal_kill()  # its job's thread discards it (run_python), closing its pipes there
 
 
 def run_python(pool: ChildPool, alg: AlgorithmConfig, job_id: str, inputs: list[DataObject], working_dir: Path,
