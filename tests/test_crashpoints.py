@@ -94,7 +94,10 @@ def send_series(port: int, files: list[Path]) -> list[str]:
         if not assoc.is_established:
             break
         ds = pydicom.dcmread(f)
-        status = assoc.send_c_store(ds)
+        try:
+            status = assoc.send_c_store(ds)
+        except RuntimeError:  # pynetdicom: the association ended under us (the node was killed)
+            break
         if getattr(status, "Status", None) == 0x0000:
             acknowledged.append(str(ds.SOPInstanceUID))
     if assoc.is_established:
