@@ -1,4 +1,4 @@
-"""The ``postbox`` command: manage (initdb, key, run, echo), submit, status, phantom, send."""
+"""The ``postbox`` command: manage (initdb, key, run, echo), submit, status, audit, phantom, send."""
 
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("job", nargs="?", help="a job id")
     status.add_argument("--json", action="store_true", help="print JSON")
 
+    audit = sub.add_parser("audit", help="read the audit trail: who accessed patient data, when, from where")
+    audit.add_argument("--job", help="only this job's entries")
+    audit.add_argument("--since", help="from this ISO date or time (UTC), or a duration back from now: 24h, 7d")
+    audit.add_argument("--json", action="store_true", help="print JSON lines")
+
     phantom = sub.add_parser("phantom", help="write a synthetic CT phantom (no data of your own needed)")
     phantom.add_argument("out", type=Path, help="output folder (dicom) or file/folder (nifti)")
     phantom.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
@@ -95,6 +100,7 @@ def _config(args: argparse.Namespace) -> Config:
 
     cfg = load_config(args.config)
     configure_logging(cfg.log_level)
+    os.umask(cfg.permissions.umask)  # what this command writes (a job, the index) gets the configured modes
     return cfg
 
 
@@ -112,7 +118,7 @@ def _manage(args: argparse.Namespace) -> int:
         index.check()
     if args.manage == "initdb":
         changed = index.repair(cfg.inbox, cfg.outbox)
-        print(f"index ready at {cfg.database} ({changed} job entries updated from the folders)")
+        print(f"index ready: {cfg.database.name} ({changed} job entries updated from the folders)")
     elif args.manage == "key":
         if args.add:
             try:
@@ -204,7 +210,8 @@ def _status(args: argparse.Namespace) -> int:
             return 2
         manifest = jobs.read_manifest(job_dir)
         data = manifest.to_dict()
-        data["folder"] = str(job_dir)
+        # Where it is, relative to config.yaml's folder: no server path in an answer (issue 9).
+        data["folder"] = os.path.relpath(job_dir, cfg.base_dir)
         if args.json:
             print(json.dumps(data, indent=2))
         else:
@@ -220,6 +227,28 @@ def _status(args: argparse.Namespace) -> int:
     for r in records:
         print(f"{r['id']:<25} {r['status']:<8} {str(r['algorithm'] or '-')[:20]:<20} {r['source']:<7} "
               f"{r['attempts']:>5}  {r['created']}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from pipeline.audit import AuditLog, parse_since
+
+    cfg = _config(args)
+    if args.since:
+        try:
+            parse_since(args.since)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+    entries = AuditLog.beside(cfg.database).entries(job=args.job, since=args.since)
+    if args.json:
+        for entry in entries:
+            print(json.dumps(entry))
+        return 0
+    print(f"{'TIME':<29} {'ACTION':<17} {'WHO':<16} {'ADDRESS':<21} {'JOB':<25} {'DATASET':>7}  SERIES")
+    for e in entries:
+        print(f"{e.get('time', ''):<29} {e.get('action', ''):<17} {e.get('who', ''):<16} "
+              f"{e.get('address') or '-':<21} {e.get('job') or '-':<25} {str(e.get('dataset') or '-'):>7}  "
+              f"{e.get('series_uid') or '-'}")
     return 0
 
 
@@ -263,7 +292,8 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "phantom": _phantom, "send": _send}
+_COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "audit": _audit, "phantom": _phantom,
+             "send": _send}
 
 if __name__ == "__main__":
     sys.exit(main())

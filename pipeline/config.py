@@ -215,6 +215,34 @@ class DicomConfig:
 
 
 @dataclass(frozen=True)
+class PermissionsConfig:
+    """Modes of what Postbox creates: patient data and the index are the service account's alone by default.
+
+    Applied as the process's umask at start (issue 9), so the algorithm's own files, made in its child
+    process, get them too. A umask can only take bits away: files and folders must differ only in the
+    execute bits (``0640`` with ``0750``, not ``0600`` with ``0755``).
+    """
+
+    files: str = field(default="0600", metadata=_t(str))
+    folders: str = field(default="0700", metadata=_t(str))
+
+    def __post_init__(self) -> None:
+        for key in ("files", "folders"):
+            value = getattr(self, key)
+            if not (isinstance(value, str) and len(value) in (3, 4) and all(c in "01234567" for c in value)):
+                raise ConfigError(f"permissions.{key}", f"must be an octal mode in quotes such as \"0600\", "
+                                                        f"not {value!r}")
+        if 0o666 & ~self.umask != int(self.files, 8):
+            raise ConfigError("permissions.files", f"{self.files} and folders {self.folders} must differ only in the "
+                                                   "execute bits (a umask can only take bits away)")
+
+    @property
+    def umask(self) -> int:
+        """The process umask that gives these modes."""
+        return 0o777 & ~int(self.folders, 8)
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """One algorithm: a Python callable (``function``) or a command line (``command``).
 
@@ -277,6 +305,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig, metadata=_t(dict))
     http: HttpConfig = field(default_factory=HttpConfig, metadata=_t(dict))
     dicom: DicomConfig = field(default_factory=DicomConfig, metadata=_t(dict))
+    permissions: PermissionsConfig = field(default_factory=lambda: PermissionsConfig(), metadata=_t(dict))
     algorithms: tuple[AlgorithmConfig, ...] = field(default=(), metadata=_t(tuple))
 
     def algorithm(self, name: str) -> AlgorithmConfig | None:
@@ -337,6 +366,7 @@ class Config:
             "worker": (WorkerConfig, data.pop("worker", None)),
             "http": (HttpConfig, data.pop("http", None)),
             "dicom": (DicomConfig, data.pop("dicom", None)),
+            "permissions": (PermissionsConfig, data.pop("permissions", None)),
         }
         raw_algorithms = data.pop("algorithms", None)
         top = _build(_Top, data, "", also_known=("algorithms", *sections))
@@ -372,8 +402,8 @@ class Config:
     def check_folders(self) -> None:
         """Create the runtime folders if missing and make sure they are writable."""
         for key in ("inbox", "outbox"):
-            _writable_dir(key, getattr(self, key))
-        _writable_dir("database", self.database.parent)
+            _writable_dir(key, getattr(self, key), int(self.permissions.folders, 8))
+        _writable_dir("database", self.database.parent, int(self.permissions.folders, 8))
         if self.inbox.stat().st_dev != self.outbox.stat().st_dev:
             # design.md: a finished job moves by one atomic rename, which needs one filesystem.
             raise ConfigError("outbox", f"must be on the same filesystem as the inbox ({self.inbox})")
@@ -388,9 +418,13 @@ class _Top:
     default_algorithm: str = field(default="", metadata=_t(str))
 
 
-def _writable_dir(key: str, path: Path) -> None:
+def _writable_dir(key: str, path: Path, mode: int = 0o700) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        # The mode of every folder made here, parents included (mkdir's parents get the default mode), even
+        # before the process's umask is set from permissions.
+        for folder in [*reversed(path.parents), path]:
+            if not folder.exists():
+                folder.mkdir(mode=mode, exist_ok=True)
     except OSError as exc:
         raise ConfigError(key, f"cannot create folder {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):

@@ -524,7 +524,14 @@ def _transfer(src: Path, dest: Path, how: str) -> None:
             return
         except OSError:
             pass  # another filesystem or no hard links: copy instead
-    shutil.copy2(src, dest)
+    copy_file(src, dest)
+
+
+def copy_file(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Copy content and times, not the mode: the copy gets the service's own (``permissions``, issue 9)."""
+    shutil.copyfile(src, dest)
+    st = os.stat(src)
+    os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 # --- the index, as the protocol sees it ---------------------------------------------------------
@@ -963,9 +970,9 @@ def collect_outputs(claim: Claim, outputs: list[DataObject]) -> list[OutputRecor
         if src.resolve().is_relative_to(claim.work_dir.resolve()):
             os.rename(src, dest)
         elif src.is_dir():
-            shutil.copytree(src, dest, symlinks=False)
+            shutil.copytree(src, dest, symlinks=False, copy_function=copy_file)
         else:
-            shutil.copy2(src, dest)
+            copy_file(src, dest)
         records.append(OutputRecord(id=obj.id or f"out-{i}", type=obj.type,
                                     path=dest.relative_to(claim.job_dir).as_posix(),
                                     parent=obj.parent.id if obj.parent is not None else None,

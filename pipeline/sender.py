@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jobs
+from .audit import AuditLog
 from .config import Config, Destination
 from .crashpoints import crash_point
 from .errors import DamagedManifest, PostboxError
@@ -92,9 +93,10 @@ def _abort(assoc: Any) -> None:
 class Sender:
     """Delivers pending sends of finished jobs; wakes on ``notify`` and rescans the index for the rest."""
 
-    def __init__(self, config: Config, index: Index | None = None) -> None:
+    def __init__(self, config: Config, index: Index | None = None, audit: AuditLog | None = None) -> None:
         self.config = config
         self.index = index or Index(config.database)
+        self.audit = audit or AuditLog.beside(config.database)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -210,6 +212,10 @@ class Sender:
                 stored = [p.relative_to(job_dir).as_posix() for p in exc.stored]
             except (OSError, ValueError) as exc:
                 error = getattr(exc, "strerror", None) or type(exc).__name__  # never a server path
+        if stored and dest is not None:
+            series = next((i.meta_data.get("series_instance_uid") for i in manifest.inputs if i.type == "DICOM"), None)
+            self.audit.record("c-store-sent", who=dest.ae_title, address=f"{dest.host}:{dest.port}", job=job_id,
+                              dataset=manifest.dataset, series_uid=series, count=len(stored))
         crash_point("send.stored")
         interrupted = error is not None and self._stop.is_set()
         started = manifest.finished or jobs.now_iso()

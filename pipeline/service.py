@@ -86,6 +86,7 @@ class Service:
         """
         from .worker import Worker  # the CLI loads configs through this module without needing the worker
 
+        os.umask(cfg.permissions.umask)  # patient data and the index: the service account's alone by default
         index = Index(cfg.database)
         index.check()  # IndexDamaged (exit 2) before anything runs: the keys cannot be rebuilt from the folders
         health = Health()
