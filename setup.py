@@ -28,6 +28,7 @@ setup(
         "multipart>=1.1",
         "requests>=2.31",
         "tqdm>=4.60",
+        "cryptography>=41",
     ],
     extras_require={
         "test": [

@@ -39,7 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--add", metavar="NAME", help="create a key and print it (shown only once)")
     group.add_argument("--list", action="store_true", help="list key names, creation times and prefixes")
     group.add_argument("--remove", metavar="NAME", help="delete a key")
+    key.add_argument("--site", action="store_true",
+                     help="with --add: an operator's key, which may list and download the jobs of every door "
+                          "(folder, DICOM, CLI) and every key's datasets; a plain key sees only what it made")
     msub.add_parser("run", help="start the worker and every configured door; stop with Ctrl-C or SIGTERM")
+    certs = msub.add_parser("certs", help="make a private CA, a server and a client certificate (a test deployment)")
+    certs.add_argument("folder", type=Path, help="where to write ca.pem, server.pem, client.pem and their keys")
+    certs.add_argument("--host", action="append", default=None,
+                       help="a name or address the server is reached by (repeatable; default: localhost, 127.0.0.1)")
     echo = msub.add_parser("echo", help="C-ECHO a DICOM node (verification)")
     echo.add_argument("host")
     echo.add_argument("port", type=int)
@@ -107,6 +114,15 @@ def _config(args: argparse.Namespace) -> Config:
 def _manage(args: argparse.Namespace) -> int:
     if args.manage == "echo":
         return _echo(args)
+    if args.manage == "certs":
+        from pipeline.tls import make_certificates
+
+        hosts = args.host or ["localhost", "127.0.0.1"]
+        for path in make_certificates(args.folder, hosts):
+            print(path)
+        print(f"server certificate for {', '.join(hosts)}; keys are 0600. For a test deployment only: a hospital "
+              "uses its own PKI.", file=sys.stderr)
+        return 0
     cfg = _config(args)
     index = Index(cfg.database)
     if args.manage == "initdb" and args.repair:
@@ -120,16 +136,20 @@ def _manage(args: argparse.Namespace) -> int:
         changed = index.repair(cfg.inbox, cfg.outbox)
         print(f"index ready: {cfg.database.name} ({changed} job entries updated from the folders)")
     elif args.manage == "key":
+        if args.site and not args.add:
+            print("postbox: error: --site goes with --add NAME (a key is made a site key when it is made)",
+                  file=sys.stderr)
+            return 2
         if args.add:
             try:
-                key = index.add_key(args.add)
+                key = index.add_key(args.add, site=args.site)
             except ValueError as exc:
                 print(f"postbox: error: {exc}", file=sys.stderr)
                 return 2
             print(key)
         elif args.list:
             for k in index.list_keys():
-                print(f"{k['name']}\t{k['created']}\t{k['prefix']}...")
+                print(f"{k.name}\t{k.created}\t{k.prefix}...\t{'site' if k.site else 'plain'}\tkey-{k.id}")
         elif not index.remove_key(args.remove):
             print(f"postbox: error: no key named '{args.remove}'", file=sys.stderr)
             return 2

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .tls import TlsFiles
 
 ENV_VAR = "POSTBOX_CONFIG"
 BUNDLED_ALGORITHM = "body-lungs"
@@ -91,6 +92,37 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS of a door (``cert``, ``key``; ``ca`` and ``require_client_cert`` for client certificates) or of a
+    peer we connect to (``ca`` to check it, ``cert``/``key`` to show ours). Paths are relative to config.yaml."""
+
+    cert: str | None = field(default=None, metadata=_t(str, nullable=True))
+    key: str | None = field(default=None, metadata=_t(str, nullable=True))
+    ca: str | None = field(default=None, metadata=_t(str, nullable=True))
+    require_client_cert: bool = field(default=False, metadata=_t(bool))
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("tls", "cert and key go together")
+        if self.require_client_cert and self.ca is None:
+            raise ConfigError("tls.require_client_cert", "needs tls.ca, the CA that client certificates come from")
+
+    def files(self, base_dir: Path) -> TlsFiles:
+        """The files as absolute paths, resolved against config.yaml's folder."""
+        def resolve(value: str | None) -> Path | None:
+            return None if value is None else (base_dir / value).resolve()
+
+        return TlsFiles(cert=resolve(self.cert), key=resolve(self.key), ca=resolve(self.ca),
+                        require_client_cert=self.require_client_cert)
+
+
+def _tls(key: str, value: Any) -> TlsConfig | None:
+    if value is None or isinstance(value, TlsConfig):
+        return value
+    return _build(TlsConfig, value, key)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The HTTP facade: where it listens, how many requests at once, and the limits on uploads.
 
@@ -109,8 +141,12 @@ class HttpConfig:
     threads: int = field(default=16, metadata=_t(int))
     sweep_seconds: float = field(default=60.0, metadata=_t(float))
     site_jobs: int = field(default=100, metadata=_t(int))
+    tls: Any = field(default=None, metadata=_t(dict, nullable=True))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tls", _tls("http.tls", self.tls))
+        if self.tls is not None and self.tls.cert is None:
+            raise ConfigError("http.tls", "needs cert and key to serve HTTPS")
         _positive("http.site_jobs", self.site_jobs, zero=True)
         if not 0 <= self.port < 65536:
             raise ConfigError("http.port", f"must be a TCP port (0 for any free one), not {self.port}")
@@ -128,8 +164,10 @@ class Destination:
     host: str = field(metadata=_t(str))
     port: int = field(metadata=_t(int))
     ae_title: str = field(metadata=_t(str))
+    tls: Any = field(default=None, metadata=_t(dict, nullable=True))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tls", _tls("dicom.destinations.tls", self.tls))
         if not 0 < self.port < 65536:
             raise ConfigError("dicom.destinations.port", f"must be a TCP port, not {self.port}")
         if not 0 < len(self.ae_title.strip()) <= 16:
@@ -184,8 +222,12 @@ class DicomConfig:
     send_retry_seconds: float = field(default=3600.0, metadata=_t(float))
     send_backoff_max: float = field(default=60.0, metadata=_t(float))
     max_associations: int = field(default=10, metadata=_t(int))
+    tls: Any = field(default=None, metadata=_t(dict, nullable=True))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "tls", _tls("dicom.tls", self.tls))
+        if self.tls is not None and self.tls.cert is None:
+            raise ConfigError("dicom.tls", "needs cert and key to serve DICOM over TLS")
         if self.incomplete not in ("fail", "run"):
             raise ConfigError("dicom.incomplete", f"must be 'fail' or 'run', not {self.incomplete!r}")
         if self.unrouted not in ("run", "ignore"):
@@ -399,8 +441,19 @@ class Config:
             cfg.check_folders()
         return cfg
 
+    def tls_files(self) -> dict[str, TlsFiles]:
+        """Every TLS end configured, by its key (``http.tls``, ``dicom.tls``, ``dicom.destinations.NAME.tls``)."""
+        found = {"http.tls": self.http.tls, "dicom.tls": self.dicom.tls}
+        found.update({f"dicom.destinations.{n}.tls": d.tls for n, d in self.dicom.destinations.items()})
+        return {k: v.files(self.base_dir) for k, v in found.items() if v is not None}
+
     def check_folders(self) -> None:
-        """Create the runtime folders if missing and make sure they are writable."""
+        """Create the runtime folders if missing and make sure they are writable (and TLS files readable)."""
+        for key, files in self.tls_files().items():
+            for name in ("cert", "key", "ca"):
+                path = getattr(files, name)
+                if path is not None and not os.access(path, os.R_OK):
+                    raise ConfigError(f"{key}.{name}", f"cannot read {path.name} (relative to config.yaml's folder)")
         for key in ("inbox", "outbox"):
             _writable_dir(key, getattr(self, key), int(self.permissions.folders, 8))
         _writable_dir("database", self.database.parent, int(self.permissions.folders, 8))

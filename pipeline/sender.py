@@ -22,6 +22,7 @@ from .config import Config, Destination
 from .crashpoints import crash_point
 from .errors import DamagedManifest, PostboxError
 from .index import Index
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class SendFailed(PostboxError):
 
 
 def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30,
-               on_association: Callable[[Any], None] | None = None) -> None:
-    """C-STORE ``files`` to ``dest`` over one association.
+               on_association: Callable[[Any], None] | None = None, tls: TlsFiles | None = None) -> None:
+    """C-STORE ``files`` to ``dest`` over one association (over TLS with ``tls``, checking the peer's name).
 
     Raises
     ------
@@ -57,7 +58,8 @@ def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout
     datasets = [dcmread(f) for f in files]
     for ds in datasets:
         ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = (tls.client_context(), dest.host) if tls is not None else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise SendFailed(f"no association with {dest.ae_title}@{dest.host}:{dest.port} "
                          f"({'rejected' if assoc.is_rejected else 'refused or unreachable'})")
@@ -205,7 +207,8 @@ class Sender:
         elif missing:
             try:
                 send_files(dest, [job_dir / f for f in missing], calling_ae=cfg.dicom.ae_title,
-                           on_association=self._set_assoc)
+                           on_association=self._set_assoc,
+                           tls=dest.tls.files(cfg.base_dir) if dest.tls is not None else None)
                 stored = missing
             except SendFailed as exc:
                 error = exc.reason

@@ -87,6 +87,8 @@ class Service:
         from .worker import Worker  # the CLI loads configs through this module without needing the worker
 
         os.umask(cfg.permissions.umask)  # patient data and the index: the service account's alone by default
+        for warning in exposure_warnings(cfg):
+            log.warning("service: %s", warning)
         index = Index(cfg.database)
         index.check()  # IndexDamaged (exit 2) before anything runs: the keys cannot be rebuilt from the folders
         health = Health()
@@ -196,6 +198,33 @@ class Service:
 
 
 app = Service()
+
+
+def exposure_warnings(cfg: Config) -> list[str]:
+    """Each door open to the network without TLS, or without an allow-list of who may connect (issue 9)."""
+    found = []
+    if cfg.http.enabled and not _loopback(cfg.http.host) and cfg.http.tls is None:
+        found.append(f"the HTTP door listens on {cfg.http.host} without TLS (http.tls): API keys and patient data "
+                     "cross the network in clear")
+    if cfg.dicom.enabled and not _loopback(cfg.dicom.host):
+        if cfg.dicom.tls is None:
+            found.append(f"the DICOM door listens on {cfg.dicom.host} without TLS (dicom.tls): images cross the "
+                         "network in clear")
+        if not cfg.dicom.allowed_ae_titles and not cfg.dicom.allowed_hosts:
+            found.append(f"the DICOM door listens on {cfg.dicom.host} for anyone (no dicom.allowed_ae_titles or "
+                         "dicom.allowed_hosts)")
+    return found
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ReadyFile:
