@@ -1,8 +1,9 @@
 """The HTTP API, wire-compatible with PlatiPy's service framework: ``make_app(config, index) -> bottle.Bottle``.
 
-Routes are thin: they read parameters (form fields or query arguments), call :class:`Datasets`, and
-answer JSON. Errors are translated here and nowhere else: ``InvalidInput`` 400, ``TooLarge`` 413,
-``NotFound`` and ``UnknownAlgorithm`` 404, a bad key 401, each as ``{"error": message}``.
+Routes are thin: they read parameters (form fields or query arguments), call :class:`Datasets` with the
+request's key, and answer JSON. Errors are translated here and nowhere else: ``InvalidInput`` 400,
+``TooLarge`` 413, ``NotFound`` and ``UnknownAlgorithm`` 404, ``QuotaExceeded`` 429, a bad key 401, each as
+``{"error": message}``, with no server path in it.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from typing import Any
 
 import bottle
 
+from pipeline.audit import AuditLog
 from pipeline.config import Config
 from pipeline.errors import InvalidInput, PostboxError, UnknownAlgorithm
 from pipeline.health import Health
 from pipeline.index import Index
 
 from . import openapi
+from ._paths import hide_paths
 from ._zipstream import CHUNK, zip_stream
-from .auth import KeyAuth, owner
-from .datasets import Datasets, NotFound
+from .auth import KeyAuth, current_key
+from .datasets import Datasets
+from .errors import NotFound, QuotaExceeded
 from .uploads import ClientGone, TooLarge, read_multipart
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ def _status_of(exc: PostboxError) -> int:
         return 413
     if isinstance(exc, (NotFound, UnknownAlgorithm)):
         return 404
+    if isinstance(exc, QuotaExceeded):
+        return 429
     if isinstance(exc, InvalidInput):
         return 400
     return 500
@@ -64,6 +70,9 @@ class _Translate:
     name = "postbox_errors"
     api = 2
 
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
     def apply(self, callback: Callable[..., Any], route: bottle.Route) -> Callable[..., Any]:
         @functools.wraps(callback)
         def translated(*args: Any, **kwargs: Any) -> Any:
@@ -71,12 +80,13 @@ class _Translate:
                 return callback(*args, **kwargs)
             except PostboxError as exc:
                 status = _status_of(exc)
+                message = hide_paths(str(exc), self.config)  # issue 9: no server path in any answer
                 if status == 500:
                     log.exception("http: %s %s failed", bottle.request.method, bottle.request.path)
                 else:
                     log.warning("http: %s %s refused (%d): %s", bottle.request.method, bottle.request.path,
-                                status, exc)
-                return _error(status, str(exc))
+                                status, message)
+                return _error(status, message)
 
         return translated
 
@@ -109,7 +119,8 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
     app = bottle.Bottle(catchall=True)
     health = health or Health()
     store = Datasets(config, index)
-    app.install(_Translate())
+    audit = AuditLog.beside(config.database)  # every access to patient data, one line (issue 9)
+    app.install(_Translate(config))
     app.install(KeyAuth(index, lambda message: _error(401, message)))
 
     def route(path: str, method: str = "GET", **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -132,33 +143,36 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
 
     @route("/api/dicomlocation")
     def locations() -> Any:
-        return json_response(store.locations(owner()))
+        return json_response(store.records.locations(current_key()))
 
     @route("/api/dicomlocation", "POST")
     def add_location() -> Any:
-        return json_response(store.add_location(owner(), _fields()))
+        return json_response(store.records.add_location(current_key(), _fields()))
 
     @route("/api/dataset", "POST")
     def add_dataset() -> Any:
-        return json_response(store.describe(store.create(owner(), _fields())))
+        return json_response(store.create(current_key(), _fields()))
 
     @route("/api/datasets")
     def datasets() -> Any:
-        return json_response(store.owned(owner()))
+        return json_response(store.listing(current_key()))
 
     @route("/api/dataset/<dataset_id>")
     def dataset(dataset_id: str) -> Any:
-        return json_response(store.describe(store.get(owner(), _path_id(dataset_id, "dataset"))))
+        return json_response(store.dataset(current_key(), _path_id(dataset_id, "dataset")))
 
     @route("/api/dataset/ready/<dataset_id>")
     def dataset_ready(dataset_id: str) -> Any:
-        return json_response({"ready": store.ready(store.get(owner(), _path_id(dataset_id, "dataset")))})
+        record = store.records.dataset(current_key(), _path_id(dataset_id, "dataset"))
+        return json_response({"ready": store.records.ready(record)})
 
     @route("/api/dataobject", "POST")
     def add_object() -> Any:
         environ = bottle.request.environ
         if not bottle.request.content_type.startswith("multipart/"):
-            return json_response(store.add_object(owner(), _fields(), None, store.uploads))
+            return json_response(store.add_object(current_key(), _fields(), None, store.uploads))
+        # A key at its quota is refused before its body is read (BodyGuard drains or closes the rest).
+        store.records.check_stored(current_key())
         work = store.uploads / secrets.token_hex(8)
         work.mkdir()
         try:
@@ -167,7 +181,10 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
             upload = read_multipart(environ["wsgi.input"], environ.get("CONTENT_TYPE", ""), length, work,
                                     max_file=int(config.http.max_upload_mb * 1e6))
             fields = {**dict(bottle.request.query.decode().items()), **upload.fields}
-            return json_response(store.add_object(owner(), fields, upload, work))
+            stored = store.add_object(current_key(), fields, upload, work)
+            audit.record("upload", who=current_key().name, address=bottle.request.remote_addr,
+                         dataset=stored["dataset_id"], series_uid=stored.get("series_instance_uid"))
+            return json_response(stored)
         except ClientGone as exc:
             log.warning("http: upload abandoned, nothing kept: %s", exc)
             return _error(400, str(exc))
@@ -176,19 +193,23 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
 
     @route("/api/dataobjects")
     def data_objects() -> Any:
-        return json_response(store.objects(owner()))
+        return json_response(store.objects(current_key()))
 
     @route("/api/dataobject/<object_id>")
     def data_object(object_id: str) -> Any:
-        return json_response(store.object_json(owner(), _path_id(object_id, "data object")))
+        return json_response(store.object_json(current_key(), _path_id(object_id, "data object")))
 
     @route("/api/dataobject/<object_id>", "DELETE")
     def delete_object(object_id: str) -> Any:
-        return json_response(store.delete_object(owner(), _path_id(object_id, "data object")))
+        return json_response(store.records.delete_object(current_key(), _path_id(object_id, "data object")))
 
     @route("/api/dataobject/download/<object_id>")
     def download(object_id: str) -> Any:
-        path, name = store.object_file(owner(), _path_id(object_id, "data object"))
+        key, number = current_key(), _path_id(object_id, "data object")
+        path, name = store.records.object_file(key, number)
+        record = store.records.object_record(key, number)
+        audit.record("download", who=key.name, address=bottle.request.remote_addr, job=record.get("job"),
+                     dataset=record["dataset"], series_uid=record.get("series_instance_uid"))
         headers = {"Content-Type": "application/octet-stream", "Cache-Control": "no-cache"}
         if path.is_file():
             headers["Content-Length"] = str(path.stat().st_size)
@@ -202,13 +223,15 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
 
     @route("/api/trigger", "POST")
     def trigger() -> Any:
-        sender = {"http": bottle.request.remote_addr, "key": owner()}
-        job_id = store.trigger(owner(), _fields(), sender)
+        key = current_key()
+        # Who sent it, for people reading job.yaml; what owns the job is job.yaml's ``owner``, the key's id.
+        sender = {"http": bottle.request.remote_addr, "key": key.name, "key_id": key.tag}
+        job_id = store.runs.trigger(key, _fields(), sender)
         return json_response({"poll": f"/api/status/{job_id}"})
 
     @route("/api/status/<job_id>")
     def status(job_id: str) -> Any:
-        return json_response(store.status(owner(), job_id))
+        return json_response(store.runs.status(current_key(), job_id))
 
     def error_page(err: bottle.HTTPError) -> str:
         if err.status_code >= 500:
@@ -220,7 +243,7 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
         bottle.response.content_type = "application/json"
         return json.dumps({"error": message})
 
-    for code in (400, 401, 403, 404, 405, 411, 413, 500):
+    for code in (400, 401, 403, 404, 405, 411, 413, 429, 500):
         app.error(code)(error_page)
     app.config["postbox.datasets"] = store
     return app

@@ -9,20 +9,21 @@ from typing import Any
 
 import bottle
 
-from pipeline.index import Index
+from pipeline.index import ApiKey, Index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OWNER", "KeyAuth", "owner"]
+__all__ = ["KEY", "KeyAuth", "current_key", "owner"]
 
 # PlatiPy's clients send the key in a header named API_KEY, with an underscore; the WSGI server must pass
 # it on as HTTP_API_KEY (Werkzeug 2.3+ and gunicorn 22+ drop such headers; cheroot keeps them).
 HEADER = "HTTP_API_KEY"
-OWNER = "postbox.owner"
+KEY = "postbox.key"
 
 
 class KeyAuth:
-    """Answer 401 unless the request's API_KEY is a key in the index; the key's name becomes the owner.
+    """Answer 401 unless the request's API_KEY is a key in the index; that key (its id, not its name, owns
+    what the request makes) is the request's ``current_key()``.
 
     Keys are stored hashed (``Index.key_owner`` hashes what it is given), so nothing here ever holds a
     key longer than the request.
@@ -42,18 +43,24 @@ class KeyAuth:
         @functools.wraps(callback)
         def checked(*args: Any, **kwargs: Any) -> Any:
             key = bottle.request.environ.get(HEADER, "").strip()
-            name = self.index.key_owner(key) if key else None
-            if name is None:
+            found = self.index.key_owner(key) if key else None
+            if found is None:
                 log.warning("http: %s %s refused: %s API_KEY", bottle.request.method, bottle.request.path,
                             "wrong" if key else "no")
                 return self.unauthorized("a valid API key is needed in the API_KEY header "
                                          "(create one with: postbox manage key --add NAME)")
-            bottle.request.environ[OWNER] = name
+            bottle.request.environ[KEY] = found
             return callback(*args, **kwargs)
 
         return checked
 
 
-def owner() -> str:
-    """The key name of the current request (set by KeyAuth)."""
-    return str(bottle.request.environ[OWNER])
+def current_key() -> ApiKey:
+    """The key of the current request (set by KeyAuth): its id owns, its name is for people (logs, audit)."""
+    found: ApiKey = bottle.request.environ[KEY]
+    return found
+
+
+def owner() -> int:
+    """The id of the current request's key: what its records are owned by."""
+    return current_key().id

@@ -13,7 +13,8 @@ _DATASET_ID = ("dataset_id", "integer", True, "a dataset id this key owns")
 _OBJECT_ID = ("object_id", "integer", True, "a data object id this key owns")
 _E400 = "refused input: a missing or malformed field, or a dataset not ready"
 _E401 = "no API_KEY header, or a key that is not valid"
-_E404 = "not found, or owned by another key"
+_E404 = "not found, or not this key's (a site key reads every key's and the keyless doors' jobs)"
+_E429 = "over one of the key's quotas (http.max_datasets_per_key, http.max_stored_mb_per_key)"
 
 ROUTES: list[dict[str, Any]] = [
     {"method": "GET", "path": "/api/health", "auth": False, "summary": "The service is up; the upload limit",
@@ -24,15 +25,20 @@ ROUTES: list[dict[str, Any]] = [
     {"method": "GET", "path": "/api/dicomlocation", "summary": "This key's DICOM locations",
      "responses": {200: "[{id, name, host, port, ae_title}]"}},
     {"method": "POST", "path": "/api/dicomlocation", "summary": "Add a DICOM location (used by the DICOM node)",
-     "form": [("name", "string", True, "a name for the peer"), ("host", "string", True, "host name or IP"),
-              ("port", "integer", True, "its DICOM port"), ("ae_title", "string", False, "its AE title")],
-     "responses": {200: "{id, name, host, port, ae_title}", 400: _E400}},
+     "form": [("name", "string", True, "a name for the peer"),
+              ("host", "string", True, "host name or IP; only hosts on the operator's http.allowed_locations"),
+              ("port", "integer", True, "its DICOM port"),
+              ("ae_title", "string", False, "its AE title (needed to wait for a series it sends or is moved)")],
+     "responses": {200: "{id, name, host, port, ae_title}", 400: _E400 + ", or a host not allowed"}},
     {"method": "POST", "path": "/api/dataset", "summary": "Create an empty dataset",
      "form": [("from_dicom_location", "integer", False, "location id to fetch DICOM inputs from"),
               ("to_dicom_location", "integer", False, "location id to send DICOM outputs to"),
               ("timeout", "number", False, "hours to keep it after its creation or last run (default 24)")],
-     "responses": {200: "the dataset", 400: _E400, 404: "a location this key does not own"}},
-    {"method": "GET", "path": "/api/datasets", "summary": "This key's datasets", "responses": {200: "[dataset]"}},
+     "responses": {200: "the dataset", 400: _E400 + ", or a location whose host is no longer allowed",
+                   404: "a location this key does not own", 429: _E429}},
+    {"method": "GET", "path": "/api/datasets",
+     "summary": "This key's datasets; a site key's also every key's, and the latest jobs of the folder, DICOM "
+                "and CLI doors (http.site_jobs)", "responses": {200: "[dataset]"}},
     {"method": "GET", "path": "/api/dataset/{dataset_id}", "summary": "One dataset, with the outputs of its latest run",
      "path_params": [_DATASET_ID], "responses": {200: "the dataset", 404: _E404}},
     {"method": "GET", "path": "/api/dataset/ready/{dataset_id}",
@@ -47,11 +53,12 @@ ROUTES: list[dict[str, Any]] = [
               ("parent", "integer", False, "a data object of the same dataset"),
               ("meta_data", "string", False, "a JSON object"),
               ("seriesUID", "string", False, "DICOM: the SeriesInstanceUID"),
-              ("dicom_retrieve", "string", False, "DICOM without a file: SEND, MOVE or GET (served once the "
-                                                  "DICOM node exists)")],
+              ("dicom_retrieve", "string", False, "DICOM without a file: SEND, MOVE or GET; SEND and MOVE take "
+                                                  "the series only from the AE title of the dataset's "
+                                                  "from_dicom_location")],
      "responses": {200: "the data object", 400: _E400, 404: "dataset or parent not found",
-                   413: "the file, the request, or the unpacked zip is over a limit"}},
-    {"method": "GET", "path": "/api/dataobjects", "summary": "This key's data objects",
+                   413: "the file, the request, or the unpacked zip is over a limit", 429: _E429}},
+    {"method": "GET", "path": "/api/dataobjects", "summary": "The data objects of the datasets this key lists",
      "responses": {200: "[data object]"}},
     {"method": "GET", "path": "/api/dataobject/{object_id}", "summary": "One data object",
      "path_params": [_OBJECT_ID], "responses": {200: "the data object", 404: _E404}},
@@ -64,7 +71,8 @@ ROUTES: list[dict[str, Any]] = [
     {"method": "POST", "path": "/api/trigger", "summary": "Run an algorithm on a dataset (a new job each time)",
      "form": [("dataset", "integer", True, "the dataset id"), ("algorithm", "string", True, "its exact name"),
               ("config", "string", False, "a JSON object of settings; keys must be the algorithm's defaults'")],
-     "responses": {200: "{poll: /api/status/<job>}", 400: "empty or not-ready dataset, bad config",
+     "responses": {200: "{poll: /api/status/<job>}",
+                   400: "empty or not-ready dataset, bad config, a to_dicom_location whose host is not allowed",
                    404: "unknown algorithm or dataset"}},
     {"method": "GET", "path": "/api/status/{job_id}", "summary": "A run's state",
      "path_params": [("job_id", "string", True, "from the trigger's poll URL")],

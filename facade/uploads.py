@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import stat
+import struct
 import unicodedata
 import zipfile
 from collections.abc import Iterator
@@ -33,6 +34,16 @@ FILE_FIELD = "file_data"
 _MAX_NAME = 200
 # DICOMDIR is an index of a media set, not an image; macOS puts resource forks in __MACOSX/.
 _SKIPPED_IN_ZIP = ("DICOMDIR",)
+# A zip's end record, its zip64 locator and zip64 end record (APPNOTE 4.3.14 to 4.3.16), and a central
+# directory record (4.3.12), as far as the sizes go.
+_EOCD = struct.Struct("<4sHHHHIIH")
+_EOCD64_LOCATOR = struct.Struct("<4sIQI")
+_EOCD64 = struct.Struct("<4sQHHIIQQQQ")
+_CD_RECORD = struct.Struct("<4s20xIHHH")  # signature, ..., uncompressed size, name, extra and comment lengths
+_CD_RECORD_SIZE = 46
+# A central directory record is 46 bytes, a name (a DICOM file's is rarely 100) and a few extras: a series
+# zip needs far less than this per entry, and zipfile keeps an object per record it parses.
+_CD_BYTES_PER_ENTRY = 512
 
 
 class TooLarge(InvalidInput):
@@ -203,12 +214,70 @@ def _entry_name(info: zipfile.ZipInfo) -> str | None:
     return safe_name(base)
 
 
+def _check_central_directory(archive: Path, *, max_entries: int, max_bytes: int) -> None:
+    """Refuse a zip whose central directory is too big to parse, before zipfile parses it (issue 9).
+
+    zipfile reads the whole directory into memory and makes an object per entry before anyone can count
+    them: 5.5 MB of memory per MB uploaded. Here the end record's entry count and directory size come
+    first (the directory may be at most ``_CD_BYTES_PER_ENTRY`` per entry allowed), then the records are
+    counted and their declared sizes added up without keeping any, since the end record's count can lie.
+
+    Raises
+    ------
+    TooLarge
+        Over ``max_entries`` entries, a directory too big for them, or over ``max_bytes`` declared.
+    InvalidInput
+        No end record: not a zip file.
+    """
+    size = archive.stat().st_size
+    with open(archive, "rb") as fh:
+        tail_size = min(size, _EOCD.size + 0xFFFF)  # the end record, then a comment of up to 64 KiB
+        fh.seek(size - tail_size)
+        tail = fh.read(tail_size)
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or tail_size - at < _EOCD.size:
+            raise InvalidInput("not a readable zip file (no end of central directory record)")
+        end = size - tail_size + at
+        _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        if (entries == 0xFFFF or cd_size == 0xFFFFFFFF) and end >= _EOCD64_LOCATOR.size:
+            fh.seek(end - _EOCD64_LOCATOR.size)
+            signature, _, end64, _ = _EOCD64_LOCATOR.unpack(fh.read(_EOCD64_LOCATOR.size))
+            if signature == b"PK\x06\x07":
+                fh.seek(end64)
+                record = fh.read(_EOCD64.size)
+                if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
+                    entries, cd_size = _EOCD64.unpack(record)[7:9]
+                    end = end64
+        if entries > max_entries:
+            raise TooLarge(f"the zip has {entries} entries; the limit is {max_entries}")
+        if cd_size > max(max_entries, 1) * _CD_BYTES_PER_ENTRY:
+            raise TooLarge(f"the zip's central directory is {_mb(cd_size)}, more than {max_entries} entries (the "
+                           "limit) need")
+        # Where zipfile reads it from too: just before the end record, whatever the offsets say.
+        fh.seek(max(0, end - cd_size))
+        directory = fh.read(cd_size)
+    count = declared = 0
+    at = 0
+    while at + _CD_RECORD_SIZE <= len(directory):
+        signature, file_size, name, extra, comment = _CD_RECORD.unpack_from(directory, at)
+        if signature != b"PK\x01\x02":
+            break  # zipfile says what is wrong with it
+        count += 1
+        declared += 0 if file_size == 0xFFFFFFFF else file_size  # zip64 sizes: counted while unpacking
+        at += _CD_RECORD_SIZE + name + extra + comment
+    if count > max_entries:
+        raise TooLarge(f"the zip has {count} entries (its end record says {entries}); the limit is {max_entries}")
+    if declared > max_bytes:
+        raise TooLarge(f"the zip unpacks to {_mb(declared)}; the limit is {_mb(max_bytes)}")
+
+
 def unpack_dicom_zip(archive: Path, dest: Path, *, max_entries: int, max_bytes: int) -> dict[str, Any] | None:
     """Unpack a zip of one DICOM series into ``dest`` (flat), checking it the way every input is checked.
 
     Every entry's name is checked (no absolute paths, no '..', no links) before anything is written;
-    the entry count and the declared unpacked size are checked against the limits first, and the
-    bytes actually written are counted too, since a zip's declared sizes can lie.
+    the entry count and the declared unpacked size are checked against the limits first, from the
+    central directory's end record before zipfile parses the directory, and the bytes actually written
+    are counted too, since a zip's declared sizes can lie.
 
     Returns
     -------
@@ -223,6 +292,7 @@ def unpack_dicom_zip(archive: Path, dest: Path, *, max_entries: int, max_bytes: 
     TooLarge
         Over ``max_entries`` or ``max_bytes``.
     """
+    _check_central_directory(archive, max_entries=max_entries, max_bytes=max_bytes)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import fnmatch
 import importlib.util
+import ipaddress
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -129,7 +131,17 @@ class HttpConfig:
     ``port: 0`` takes any free port (the service log says which). ``max_unpacked_mb`` and
     ``max_zip_entries`` bound what a zipped DICOM series may unpack to (zip bombs); ``sweep_seconds``
     is how often expired datasets are looked for. ``site_jobs`` is how many of the latest jobs of the
-    keyless doors (folder, DICOM, CLI) ``GET /api/datasets`` lists beside a key's own.
+    keyless doors (folder, DICOM, CLI) ``GET /api/datasets`` lists to a site key.
+
+    ``allowed_locations`` are the hosts a DICOM location made over HTTP may name (host names, addresses or
+    CIDR blocks); empty allows only the hosts of ``dicom.destinations`` (issue 9: a key must not make the
+    service connect wherever it likes). ``max_datasets_per_key`` and ``max_stored_mb_per_key`` are each
+    key's quotas (429 past them).
+
+    Against abuse without a key (issue 9): a connection has ``header_timeout`` seconds to send its request
+    line and headers (408), which may be ``max_header_kb`` long (431), and one address may have
+    ``max_connections_per_address`` connections open at once: fewer than ``threads``, so that one address
+    cannot occupy every thread with requests whose bodies it sends slowly.
     """
 
     host: str = field(default="127.0.0.1", metadata=_t(str))
@@ -142,8 +154,21 @@ class HttpConfig:
     sweep_seconds: float = field(default=60.0, metadata=_t(float))
     site_jobs: int = field(default=100, metadata=_t(int))
     tls: Any = field(default=None, metadata=_t(dict, nullable=True))
+    allowed_locations: tuple = field(default=(), metadata=_t(tuple))
+    max_datasets_per_key: int = field(default=1000, metadata=_t(int))
+    max_stored_mb_per_key: float = field(default=50000.0, metadata=_t(float))
+    header_timeout: float = field(default=10.0, metadata=_t(float))
+    max_header_kb: float = field(default=64.0, metadata=_t(float))
+    max_connections_per_address: int = field(default=12, metadata=_t(int))
 
     def __post_init__(self) -> None:
+        _positive("http.header_timeout", self.header_timeout)
+        _positive("http.max_header_kb", self.max_header_kb)
+        _positive("http.max_connections_per_address", self.max_connections_per_address)
+        object.__setattr__(self, "allowed_locations", tuple(
+            _location_entry(f"http.allowed_locations[{i}]", entry) for i, entry in enumerate(self.allowed_locations)))
+        _positive("http.max_datasets_per_key", self.max_datasets_per_key)
+        _positive("http.max_stored_mb_per_key", self.max_stored_mb_per_key)
         object.__setattr__(self, "tls", _tls("http.tls", self.tls))
         if self.tls is not None and self.tls.cert is None:
             raise ConfigError("http.tls", "needs cert and key to serve HTTPS")
@@ -155,6 +180,53 @@ class HttpConfig:
         _positive("http.max_zip_entries", self.max_zip_entries)
         _positive("http.threads", self.threads)
         _positive("http.sweep_seconds", self.sweep_seconds)
+
+    def allows_location(self, host: str, *, destinations: Iterable[str] = ()) -> bool:
+        """Whether a DICOM location may name ``host``: it is on ``allowed_locations``, or, when that is
+        empty, one of ``destinations`` (the hosts of ``dicom.destinations``).
+
+        An address matches an address or CIDR entry; a host name matches the same name only. A name is never
+        resolved to match an address entry: what it resolves to may change between this check and the
+        connection, so ``localhost`` is refused unless named.
+        """
+        entries = self.allowed_locations or tuple(_host_form(h) for h in destinations)
+        wanted = _host_form(host)
+        try:
+            address = ipaddress.ip_address(wanted)
+        except ValueError:
+            return wanted in entries
+        for entry in entries:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                continue  # a host name entry
+        return False
+
+
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def _host_form(host: str) -> str:
+    """A host as compared: lower case, without a trailing dot or the brackets of an IPv6 literal."""
+    return host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+
+
+def _location_entry(key: str, value: Any) -> str:
+    """One ``http.allowed_locations`` entry, checked: an address, a CIDR block or a host name."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(key, f"must be a host name, an address or a CIDR block, not {value!r}")
+    entry = _host_form(value)
+    try:
+        return str(ipaddress.ip_network(entry, strict=False))
+    except ValueError:
+        pass
+    labels = entry.split(".")
+    if "/" in entry or ":" in entry or len(entry) > 253 or not all(_HOST_LABEL.match(x) for x in labels) \
+            or labels[-1].isdigit():
+        # A name whose last label is a number is a mistyped address (10.0.0.300), not a host name.
+        raise ConfigError(key, f"{value!r} is not a host name, an address or a CIDR block (such as 10.1.0.0/16)")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -205,7 +277,14 @@ class Route:
 
 @dataclass(frozen=True)
 class DicomConfig:
-    """The DICOM node, its routes and the destinations results are sent to."""
+    """The DICOM node, its routes and the destinations results are sent to.
+
+    Against abuse without a key (issue 9): a connection has ``associate_timeout`` seconds to send its
+    A-ASSOCIATE-RQ, one address may have ``max_connections_per_address`` connections open at once (fewer than
+    ``max_associations``, so that one address cannot take every association), a PDU may
+    be ``max_pdu_mb`` long (our advertised maximum; a longer one aborts the association before it is read),
+    and an instance ``max_instance_mb``, as received or once inflated (0xA700 past it).
+    """
 
     ae_title: str = field(default="POSTBOX", metadata=_t(str))
     port: int = field(default=7777, metadata=_t(int))
@@ -223,6 +302,10 @@ class DicomConfig:
     send_backoff_max: float = field(default=60.0, metadata=_t(float))
     max_associations: int = field(default=10, metadata=_t(int))
     tls: Any = field(default=None, metadata=_t(dict, nullable=True))
+    associate_timeout: float = field(default=10.0, metadata=_t(float))
+    max_connections_per_address: int = field(default=8, metadata=_t(int))
+    max_pdu_mb: float = field(default=16.0, metadata=_t(float))
+    max_instance_mb: float = field(default=2048.0, metadata=_t(float))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tls", _tls("dicom.tls", self.tls))
@@ -240,6 +323,10 @@ class DicomConfig:
         _positive("dicom.send_retry_seconds", self.send_retry_seconds)
         _positive("dicom.send_backoff_max", self.send_backoff_max)
         _positive("dicom.max_associations", self.max_associations)
+        _positive("dicom.associate_timeout", self.associate_timeout)
+        _positive("dicom.max_connections_per_address", self.max_connections_per_address)
+        _positive("dicom.max_pdu_mb", self.max_pdu_mb)
+        _positive("dicom.max_instance_mb", self.max_instance_mb)
         dests = {}
         for name, spec in self.destinations.items():
             dests[str(name)] = spec if isinstance(spec, Destination) else _build(Destination, spec,

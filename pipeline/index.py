@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 import zlib
@@ -417,30 +418,81 @@ class Index:
 
     # -- API keys: stored hashed --
 
-    def add_key(self, name: str) -> str:
-        """Create key ``name`` and return it; only its hash is stored, so it is shown once."""
+    def add_key(self, name: str, *, site: bool = False) -> str:
+        """Create key ``name`` and return it; only its hash is stored, so it is shown once.
+
+        Parameters
+        ----------
+        name
+            What the key is called (``postbox manage key --list``, the audit trail). It never owns anything:
+            the key's id does, so a name given again after ``remove_key`` starts with nothing (issue 9).
+        site
+            An operator's key: it may list and download the jobs of every door and every key's datasets.
+
+        Raises
+        ------
+        ValueError
+            For an empty, reserved or taken name.
+        """
         if not name or not name.strip():
             raise ValueError("a key needs a name")
         if name.strip() == "*":
-            # "*" owns the HTTP datasets of the keyless doors (facade.datasets.SITE), which no key may own.
+            # "*" owns the HTTP datasets of the keyless doors (facade.records.SITE), which no key may own.
             raise ValueError("'*' is reserved; choose another key name")
+        if _KEY_TAG.match(name.strip()):
+            # A job.yaml names its owner 'key-<id>'; a key called so would read as another key's jobs.
+            raise ValueError(f"'{name}' is reserved (job.yaml names owners key-<id>); choose another key name")
         if self.find("keys", name=name):
             raise ValueError(f"a key named '{name}' exists already")
         key = "pbx_" + secrets.token_urlsafe(24)
-        self.insert("keys", {"name": name, "hash": hash_key(key), "prefix": key[:8],
-                             "created": _jobs.now_iso()})
+        # ``id_field`` stores the id in the record: ids come from the table's sequence, never reused (insert).
+        self.insert("keys", {"name": name, "hash": hash_key(key), "prefix": key[:8], "created": _jobs.now_iso(),
+                             "site": site}, id_field="id")
         return key
 
-    def list_keys(self) -> list[dict[str, Any]]:
-        return [{k: r[k] for k in ("name", "prefix", "created")} for r in self.find("keys")]
+    def list_keys(self) -> list[ApiKey]:
+        """Every key (never its hash), oldest first."""
+        return sorted((ApiKey.from_record(r) for r in self.find("keys")), key=lambda k: k.id)
 
     def remove_key(self, name: str) -> bool:
         return self.remove("keys", name=name) > 0
 
-    def key_owner(self, key: str) -> str | None:
-        """The name of the key, or None if it is not valid."""
+    def key_owner(self, key: str) -> ApiKey | None:
+        """The key whose hash this is (its id owns what it makes), or None if it is not valid."""
         found = self.find("keys", hash=hash_key(key))
-        return found[0]["name"] if found else None
+        return ApiKey.from_record(found[0]) if found else None
+
+
+_KEY_TAG = re.compile(r"^key-[0-9]+$")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as the doors see it: who it is, never the key or its hash.
+
+    ``id`` is given once and never again (the keys table's sequence), so it, not the name, owns records.
+    ``legacy`` marks a key made before keys had ids (release 0.1): its records named it by name, and
+    only such a key may take them over (see ``facade.records.Records.adopt_legacy_owners``).
+    """
+
+    id: int
+    name: str
+    created: str
+    prefix: str = ""
+    site: bool = False
+    legacy: bool = False
+
+    @property
+    def tag(self) -> str:
+        """How job.yaml names the key as a job's owner: ``key-<id>``."""
+        return f"key-{self.id}"
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ApiKey:
+        # A key of release 0.1 has no "id": TinyDB's document id is the one the sequence gave it.
+        return cls(id=int(record.get("id", record["doc_id"])), name=str(record["name"]),
+                   created=str(record.get("created", "")), prefix=str(record.get("prefix", "")),
+                   site=bool(record.get("site", False)), legacy="id" not in record)
 
 
 def _doc_id(job_id: str) -> int:

@@ -16,14 +16,13 @@ import logging
 import os
 import secrets
 import shutil
-import socketserver
 import threading
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom import uid as _uid
 from pydicom.filereader import read_dataset
@@ -31,14 +30,15 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from . import gate, jobs
 from .config import Config, Route
 from .crashpoints import crash_point
 from .errors import InvalidInput
+from .guard import Limits
 from .health import DISK_FULL, Health, Throttle, is_disk_full
 from .index import Index
+from .nodeguard import ASSOCIATE_RQ_LIMIT, GuardedServer
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,117 @@ def route_for(config: Config, called_ae: str, calling_ae: str, attributes: dict[
     return Route(algorithm=config.default_algorithm)
 
 
-def _headers(raw: bytes, transfer_syntax: str) -> Any:
+_DEFER = 1 << 16  # an element longer than this is skipped, not read: none of the attributes we need is as long
+
+
+class _TooLarge(Exception):
+    """An instance over ``dicom.max_instance_mb``, as received or once inflated: refused with 0xA700."""
+
+
+def _headers(raw: bytes, transfer_syntax: str, *, max_bytes: int) -> Any:
     """Parse just the attributes needed to file, route and gate an instance, never the pixel data.
 
     Everything filing and routing need comes before SeriesInstanceUID, and the completeness gate's geometry
     ends at PixelSpacing (``gate.LAST_TAG``): one parse serves all three, so a completed series is checked
-    from records kept in memory, with no file read again (issue 8).
+    from records kept in memory, with no file read again (issue 8). Elements longer than 64 kB before
+    them (a private blob) are skipped, not read.
+
+    A deflated instance is inflated only as far as those attributes, then the rest is inflated and counted,
+    never held: a 1 MB deflate bomb was inflated whole, to 1 GiB (issue 9). Raises _TooLarge for an
+    instance over ``max_bytes``, as received or inflated, as soon as that is known.
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        stream = _Inflating(raw, max_bytes)
+        ds = read_dataset(cast(BinaryIO, stream), False, True, stop_when=gate.past_last_tag, defer_size=_DEFER)
+        stream.drain()
+        return ds
+    if len(raw) > max_bytes:
+        raise _TooLarge(f"{len(raw) / 1e6:.1f} MB; dicom.max_instance_mb is {max_bytes / 1e6:g}")
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
-    return read_dataset(io.BytesIO(raw), implicit, little, stop_when=gate.past_last_tag)
+    return read_dataset(io.BytesIO(raw), implicit, little, stop_when=gate.past_last_tag, defer_size=_DEFER)
+
+
+class _Inflating:
+    """A deflated data set read as a file: inflated as far as it is read, with only a window of it kept.
+
+    pydicom reads forward, skips deferred values by seeking forward (inflated and dropped here) and steps
+    back a few bytes at most. Past ``limit`` inflated bytes, any read raises _TooLarge.
+    """
+
+    _OUT = 1 << 20  # inflated per step: memory stays about this
+    _IN = 1 << 14  # deflated bytes fed per step (zlib copies what a step leaves unconsumed)
+    _KEEP = 1 << 16  # kept behind the position, for pydicom's steps back
+
+    def __init__(self, data: bytes, limit: int) -> None:
+        self._data = memoryview(data)
+        self._fed = 0
+        self._z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buf = bytearray()
+        self._start = 0  # where _buf begins in the inflated stream
+        self._pos = 0
+        self._ended = False
+        self.limit = limit
+        self.size = 0  # inflated so far
+
+    def _more(self) -> bytes:
+        """The next piece of the inflated stream; b"" at its end."""
+        while not self._ended:
+            if self._z.unconsumed_tail:
+                data: bytes | memoryview = self._z.unconsumed_tail
+            elif self._fed < len(self._data) and not self._z.eof:
+                data = self._data[self._fed:self._fed + self._IN]
+                self._fed += len(data)
+            else:
+                data = b""
+            chunk = self._z.decompress(data, self._OUT)
+            if chunk:
+                self.size += len(chunk)
+                if self.size > self.limit:
+                    raise _TooLarge(f"over {self.limit / 1e6:g} MB once inflated (dicom.max_instance_mb), "
+                                    f"from {len(self._data) / 1e6:.1f} MB deflated")
+                return chunk
+            self._ended = not data
+        return b""
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.limit + 1
+        while self._start + len(self._buf) < self._pos + size and (chunk := self._more()):
+            self._buf += chunk
+        i = self._pos - self._start
+        out = bytes(self._buf[i:i + size])
+        self._pos += len(out)
+        cut = self._pos - self._KEEP - self._start
+        if cut > self._OUT:
+            del self._buf[:cut]
+            self._start += cut
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._pos + offset
+        if whence not in (0, 1) or target < self._start:
+            raise OSError(f"cannot seek to {target} in a deflated data set read from {self._start}")
+        while self._start + len(self._buf) < target:  # skipped, not kept
+            self._start += len(self._buf)
+            self._buf.clear()
+            if not (chunk := self._more()):
+                break
+            self._buf += chunk
+        self._pos = target
+        return target
+
+    def tell(self) -> int:
+        return self._pos
+
+    def drain(self) -> int:
+        """Inflate the rest, counting it; the instance's inflated size. ValueError if the data ends early."""
+        self._buf.clear()
+        while self._more():
+            pass
+        if not self._z.eof:
+            raise ValueError("the deflated data set ends before its last block")
+        return self.size
 
 
 class DicomNode:
@@ -136,8 +235,9 @@ class DicomNode:
         ae = AE(ae_title=dcfg.ae_title)
         ae.maximum_associations = dcfg.max_associations
         ae.network_timeout = 60
-        # Unlimited PDUs: a sender that can send a slice in one PDU does (1,802 PDUs for 300 slices, not 10,202).
-        ae.maximum_pdu_size = 0
+        # Large PDUs: a sender that can send a slice in one PDU does (1,802 PDUs for 300 slices, not 10,202).
+        # Not unlimited: a PDU over what we advertise is refused before it is read (issue 9).
+        ae.maximum_pdu_size = int(dcfg.max_pdu_mb * 1e6)
         for cx in AllStoragePresentationContexts:
             # Compressed syntaxes are accepted and stored as received: the algorithm decodes if it must.
             ae.add_supported_context(str(cx.abstract_syntax), TRANSFER_SYNTAXES)
@@ -153,19 +253,23 @@ class DicomNode:
         ]
         allowed = {str(h) for h in dcfg.allowed_hosts}
 
-        class _Server(ThreadedAssociationServer):
-            def verify_request(self, request: Any, client_address: Any) -> bool:
-                # socketserver's hook: a peer not on the list is closed before any DICOM is spoken.
-                if allowed and client_address[0] not in allowed:
-                    log.warning("dicom: connection from %s refused (not in dicom.allowed_hosts)", client_address[0])
-                    return False
-                return True
+        def allow(host: str) -> bool:
+            # A peer not on the list is closed at accept, before any DICOM is spoken.
+            if allowed and host not in allowed:
+                log.warning("dicom: connection from %s refused (not in dicom.allowed_hosts)", host)
+                return False
+            return True
 
-        self._server = ae.make_server((dcfg.host, dcfg.port), evt_handlers=handlers, server_class=_Server)
+        # The guard accepts, caps connections per address and waits for each A-ASSOCIATE-RQ in its own
+        # thread: a silent connection never takes an association thread or a place in max_associations.
+        limits = Limits(timeout=dcfg.associate_timeout, max_bytes=ASSOCIATE_RQ_LIMIT,
+                        max_per_address=dcfg.max_connections_per_address)
+        self._server = ae.make_server((dcfg.host, dcfg.port), evt_handlers=handlers, server_class=GuardedServer,
+                                      limits=limits, max_pdu=ae.maximum_pdu_size, allow=allow)
         # Only once the port is ours: a second service on this inbox, whose port was taken, must not take
         # over the series the first one is receiving.
         self._resume()
-        threading.Thread(target=self._server.serve_forever, name="dicom-node", daemon=True).start()
+        threading.Thread(target=self._server.serve, name="dicom-node", daemon=True).start()
         self.port = self._server.server_address[1]
         self._timer = threading.Thread(target=self._run_timer, name="dicom-series-timer", daemon=True)
         self._timer.start()
@@ -175,10 +279,7 @@ class DicomNode:
         self._stop.set()
         self._wake.set()
         if self._server is not None:
-            # socketserver's own shutdown: pynetdicom's also unregisters from the AE, which never had it
-            # (we make the server ourselves, to refuse addresses before any DICOM is spoken).
-            socketserver.TCPServer.shutdown(self._server)
-            self._server.server_close()
+            self._server.stop()  # the guard, then the listening socket (associations under way run on)
         if self._timer is not None:
             self._timer.join(timeout=timeout)
 
@@ -196,9 +297,12 @@ class DicomNode:
         called = str(getattr(primitive, "called_ae_title", None) or assoc.acceptor.ae_title).strip()
         try:
             raw = event.encoded_dataset(include_meta=False)
-            ds = _headers(raw, event.context.transfer_syntax)
+            ds = _headers(raw, event.context.transfer_syntax, max_bytes=int(self.config.dicom.max_instance_mb * 1e6))
             sop_uid = str(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID or "")
             study_uid, series_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
+        except _TooLarge as exc:  # never stored: every later read of it would inflate it again
+            log.warning("dicom: instance from %s refused (0xA700): %s", calling, exc)
+            return OUT_OF_RESOURCES
         except Exception as exc:  # any parse error: the instance cannot be understood
             log.warning("dicom: instance from %s refused: does not parse (%s)", calling, type(exc).__name__)
             return CANNOT_UNDERSTAND
@@ -300,8 +404,11 @@ class DicomNode:
             "study_instance_uid": key[1],
             "series_instance_uid": key[2],
             "modality": attributes.get("Modality", ""),
+            # ``explicit``: a rule of dicom.routes took it (not the default for unrouted series); such a series
+            # is the modality's own job and is never handed to a dataset waiting for it (issue 9).
             "route": {"algorithm": route.algorithm, "settings": dict(route.settings),
-                      "destinations": list(route.destinations), "structures": dict(route.structures)},
+                      "destinations": list(route.destinations), "structures": dict(route.structures),
+                      "explicit": any(route is rule for rule in self.config.dicom.routes)},
         }
         try:
             (staging / jobs.INPUT / SERIES_DIR).mkdir()
@@ -392,7 +499,10 @@ class DicomNode:
             if not self._gate_passes(series):
                 return
         state = series.state
-        for claimer in self.claimers:
+        # A series an explicit route matched is never diverted; one staged before routes were recorded so
+        # (no "explicit") may be, as it could then.
+        claimers = [] if state["route"].get("explicit") else self.claimers
+        for claimer in claimers:
             try:
                 taken = claimer(state["series_instance_uid"], series.folder, state["sender"])
             except Exception:

@@ -241,7 +241,7 @@ class Worker:
                 if m.status == jobs.JobStatus.DONE:
                     jobs.finish(claim, cfg.outbox)
                 else:
-                    jobs.fail(claim, cfg.outbox, m.error or "failed")
+                    jobs.fail(claim, cfg.outbox, self._relative(claim, m.error or "failed"))
             elif m.attempts >= cfg.worker.max_attempts and job_id not in self._uncounted:
                 jobs.fail(claim, cfg.outbox, f"gave up after {m.attempts} attempt(s): the worker stopped "
                                              "during each (worker.max_attempts)")
@@ -280,8 +280,9 @@ class Worker:
             m.algorithm = alg.name
             self._gate(claim)
         except (InvalidInput, UnknownAlgorithm) as exc:
-            log.warning("job %s: refused: %s", claim.job_id, exc)
-            jobs.fail(claim, cfg.outbox, str(exc))
+            reason = self._relative(claim, str(exc))
+            log.warning("job %s: refused: %s", claim.job_id, reason)
+            jobs.fail(claim, cfg.outbox, reason)
             return
         jobs.start_attempt(claim, counted=claim.job_id not in self._uncounted)
         self._uncounted.discard(claim.job_id)
@@ -301,7 +302,7 @@ class Worker:
         except (AlgorithmFailed, InvalidInput) as exc:
             if self._stop.is_set():
                 raise _Stopping() from exc
-            reason = exc.reason
+            reason = self._relative(claim, exc.reason)
             log.warning("job %s: failed: %s", claim.job_id, reason)
             jobs.fail(claim, cfg.outbox, reason)
             return
@@ -313,6 +314,21 @@ class Worker:
             except Exception:
                 log.exception("job %s: a finished-job hook failed", claim.job_id)
         log.info("job %s: done in %.2f s", claim.job_id, m.timings["finished"] - m.timings["claimed"])
+
+    def _relative(self, claim: jobs.Claim, reason: str) -> str:
+        """A failure's reason with the job folder's path made relative to it, and the inbox's and outbox's to
+        their names: ``.../inbox/<job>/input/ct.nii.gz`` becomes ``input/ct.nii.gz``.
+
+        The reason is what the HTTP door's status answers, and no answer holds a server path (issue 9).
+        """
+        for box in (self.config.inbox, self.config.outbox):
+            forms = sorted({str(box), str(box.resolve())}, key=len, reverse=True)
+            for form in forms:
+                job = f"{form}/{claim.job_id}"
+                reason = reason.replace(job + "/", "").replace(job, ".")
+            for form in forms:
+                reason = reason.replace(form, box.name)
+        return reason
 
     def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig,
                  settings: dict[str, Any]) -> tuple[list[DataObject], dict[str, float]]:

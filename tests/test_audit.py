@@ -70,3 +70,26 @@ def test_a_dicom_job_sent_on_is_audited_and_postbox_audit_reads_it(site: Site, t
         assert refused.returncode == 2 and "duration" in refused.stderr
     finally:
         dest.close()
+
+
+def test_an_upload_and_a_download_over_http_are_audited_with_the_keys_name(tmp_path: Path) -> None:
+    import requests
+    from _http import http_site
+
+    (tmp_path / "http").mkdir()
+    site = http_site(tmp_path / "http")
+    try:
+        url = site.start_http()
+        key = site.key("alice")
+        headers = {"API_KEY": key}
+        ds = requests.post(f"{url}/api/dataset", headers=headers, timeout=10).json()
+        obj = requests.post(f"{url}/api/dataobject", headers=headers, data={"dataset": ds["id"]},
+                            files={"file_data": ("ct.nii.gz", b"not really a CT")}, timeout=10).json()
+        got = requests.get(f"{url}/api/dataobject/download/{obj['id']}", headers=headers, timeout=10)
+        assert got.content == b"not really a CT"
+        entries = [json.loads(line) for line in site.cli("audit", "--json").stdout.splitlines()]
+        assert [(e["action"], e["who"], e["dataset"], e["address"]) for e in entries] == [
+            ("upload", "alice", ds["id"], "127.0.0.1"), ("download", "alice", ds["id"], "127.0.0.1")]
+        assert key not in (site.root / "audit.log").read_text(), "never the key itself"
+    finally:
+        site.close()

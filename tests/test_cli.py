@@ -29,6 +29,25 @@ def test_keys_are_shown_once_and_stored_hashed(site: Site) -> None:
     assert site.cli("manage", "key", "--remove", "planning", check=False).returncode == 2
 
 
+def test_a_site_key_is_made_so_and_listed_so(site: Site) -> None:
+    site.cli("manage", "key", "--add", "desktop")
+    site.cli("manage", "key", "--add", "ops", "--site")
+    site.cli("manage", "key", "--add", "desktop-2")
+    rows = [line.split("\t") for line in site.cli("manage", "key", "--list").stdout.splitlines()]
+    # name, created, prefix, kind, id: a key is plain unless made with --site; ids are never reused
+    assert [(r[0], r[3]) for r in rows] == [("desktop", "plain"), ("ops", "site"), ("desktop-2", "plain")]
+    ids = [int(r[4].removeprefix("key-")) for r in rows]
+    assert ids == sorted(set(ids))
+    site.cli("manage", "key", "--remove", "desktop")
+    site.cli("manage", "key", "--add", "desktop")
+    again = site.cli("manage", "key", "--list").stdout.splitlines()[-1].split("\t")
+    assert again[0] == "desktop" and int(again[4].removeprefix("key-")) > max(ids)  # a new id, not the old one
+    stray = site.cli("manage", "key", "--list", "--site", check=False)
+    assert stray.returncode == 2 and "--site goes with --add" in stray.stderr
+    taken = site.cli("manage", "key", "--add", "key-12", check=False)
+    assert taken.returncode == 2 and "reserved" in taken.stderr
+
+
 def test_submit_refuses_at_the_door_and_leaves_nothing(site: Site, tmp_path: Path) -> None:
     payload = tmp_path / "p.txt"
     payload.write_text("x")

@@ -37,6 +37,14 @@ from pipeline.errors import ConfigError
     ({"http": {"port": 70000}}, "http.port", "must be a TCP port"),
     ({"http": {"max_upload_mb": 0}}, "http.max_upload_mb", "must be > 0"),
     ({"http": {"threads": 0}}, "http.threads", "must be > 0"),
+    ({"http": {"allowed_locations": "10.0.0.1"}}, "http.allowed_locations", "must be a list"),
+    ({"http": {"allowed_locations": ["10.0.0.0/33"]}}, "http.allowed_locations[0]",
+     "'10.0.0.0/33' is not a host name, an address or a CIDR block"),
+    ({"http": {"allowed_locations": ["pacs", "10.0.0.300"]}}, "http.allowed_locations[1]", "not a host name"),
+    ({"http": {"allowed_locations": ["pacs", 104]}}, "http.allowed_locations[1]", "must be a host name"),
+    ({"http": {"allowed_locations": ["http://pacs"]}}, "http.allowed_locations[0]", "not a host name"),
+    ({"http": {"max_datasets_per_key": 0}}, "http.max_datasets_per_key", "must be > 0"),
+    ({"http": {"max_stored_mb_per_key": -1}}, "http.max_stored_mb_per_key", "must be > 0"),
     ({"inbox": "blocker/inbox"}, "inbox", "cannot create folder"),
 ])
 def test_invalid_config_exits_2_naming_the_key(site: Site, change: dict, key: str, problem: str) -> None:
@@ -78,6 +86,24 @@ def test_defaults_are_embedded_and_paths_resolve_against_the_config_folder(tmp_p
     assert cfg.algorithm("body-lungs") is not None
     assert cfg.worker.keep_warm is True
     assert (cfg.http.port, cfg.dicom.ae_title, cfg.dicom.port) == (8000, "POSTBOX", 7777)
+
+
+def test_allowed_locations_match_addresses_blocks_and_names_never_resolved(tmp_path: Path) -> None:
+    http = Config.from_dict({"http": {"allowed_locations": ["10.1.0.0/16", "PACS.Hospital.", "::1", "192.0.2.7"]}},
+                            base_dir=tmp_path).http
+    assert http.allowed_locations == ("10.1.0.0/16", "pacs.hospital", "::1/128", "192.0.2.7/32")
+    for host in ("10.1.200.3", "pacs.hospital", "PACS.HOSPITAL.", "[::1]", "192.0.2.7"):
+        assert http.allows_location(host), host
+    # Not listed; a name is never resolved to pass an address entry, nor an address a name entry.
+    for host in ("10.2.0.1", "192.0.2.8", "localhost", "pacs", "pacs.hospital.evil", "2130706433", "::ffff:10.1.0.1"):
+        assert not http.allows_location(host), host
+    # Empty: the hosts of dicom.destinations only.
+    empty = Config.from_dict({}, base_dir=tmp_path).http
+    assert (empty.max_datasets_per_key, empty.max_stored_mb_per_key, empty.allowed_locations) == (1000, 50000.0, ())
+    assert empty.allows_location("TPS.local", destinations=["tps.local", "10.0.0.5"])
+    assert empty.allows_location("10.0.0.5", destinations=["tps.local", "10.0.0.5"])
+    assert not empty.allows_location("10.0.0.6", destinations=["tps.local", "10.0.0.5"])
+    assert not empty.allows_location("127.0.0.1")
 
 
 def test_config_error_survives_pickling() -> None:

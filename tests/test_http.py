@@ -22,6 +22,7 @@ from conftest import read_job, wait_for
 
 from facade import openapi
 from pipeline import phantom
+from pipeline.index import Index
 
 LIMIT_MB = 4
 DATASET_FIELDS = {"id", "input_data_objects", "output_data_objects", "from_dicom_location", "to_dicom_location",
@@ -30,11 +31,24 @@ OBJECT_FIELDS = {"id", "dataset_id", "is_input", "type", "series_instance_uid", 
                  "is_sent", "parent_id", "children", "timestamp"}
 
 
+# An algorithm whose error names a file of its job by its absolute path, as a real one's would.
+PATH_ALGOS = """
+from pathlib import Path
+
+def opens_missing(data_objects, working_dir, settings):
+    open(Path(data_objects[0].path).parent / "absent.nii.gz")
+"""
+
+
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpSite]:
-    site = http_site(tmp_path_factory.mktemp("http"), worker={"processes": 2},
+    root = tmp_path_factory.mktemp("http")
+    (root / "pathalgos.py").write_text(PATH_ALGOS)
+    site = http_site(root, worker={"processes": 2},
                      http={"max_upload_mb": LIMIT_MB, "max_unpacked_mb": 16, "max_zip_entries": 60,
-                           "sweep_seconds": 0.2})
+                           "sweep_seconds": 0.2, "allowed_locations": ["127.0.0.1", "10.0.0.0/24"]})
+    site.config["algorithms"].append({"name": "opens-missing", "function": "pathalgos:opens_missing"})
+    site.write_config()
     site.alice, site.bob = site.key("alice"), site.key("bob")
     site.start_http()
     yield site
@@ -189,6 +203,11 @@ def test_dataset_routes(srv: HttpSite) -> None:
     for bad, text in [({"name": "x", "host": "h", "port": "0"}, "TCP port"), ({"host": "h", "port": "1"}, "name"),
                       ({"name": "x", "host": "h", "port": "1", "ae_title": "A" * 17}, "ae_title")]:
         error(alice("POST", "/api/dicomlocation", data=bad), 400, text)
+    # Issue 9: only hosts on http.allowed_locations (here 127.0.0.1 and 10.0.0.0/24), never wherever a key says.
+    for host in ("10.0.1.1", "169.254.169.254", "localhost", "2130706433", "[::1]", "metadata.internal"):
+        error(alice("POST", "/api/dicomlocation", data={"name": "x", "host": host, "port": 104}), 400,
+              "is not allowed: only the hosts on http.allowed_locations")
+    assert {x["host"] for x in alice.ok("GET", "/api/dicomlocation")} <= {"127.0.0.1", "10.0.0.1"}
     for path in ("/api/dataset/999999", "/api/dataset/abc", "/api/dataset/ready/999999"):
         error(alice("GET", path), 404, "not found")
 
@@ -280,7 +299,10 @@ def test_a_run_its_outputs_and_a_second_run(srv: HttpSite) -> None:
     first = alice.run(ds, config=json.dumps({"label": "first", "n": 1}))
     assert first == {"state": "SUCCESS", "current": 1, "total": 1, "status": "Done", "job": first["job"]}
     job = read_job(srv.outbox / first["job"])
-    assert job["source"] == "http" and job["dataset"] == str(ds) and job["owner"] == "alice"
+    [key] = [k for k in Index(srv.root / "postbox.db.json").list_keys() if k.name == "alice"]
+    # Owned by the key's id, never its name (issue 9); the name only says who sent it.
+    assert job["source"] == "http" and job["dataset"] == str(ds) and job["owner"] == f"key-{key.id}"
+    assert job["sender"]["key"] == "alice"
     assert job["settings"] == {"label": "first", "n": 1}
     data = alice.ok("GET", f"/api/dataset/{ds}")
     [out] = data["output_data_objects"]
@@ -310,6 +332,25 @@ def test_a_failed_run_reports_failure_with_its_error(srv: HttpSite) -> None:
     assert alice.ok("GET", f"/api/dataset/{ds}")["output_data_objects"] == []
     error(alice("GET", "/api/status/20990101T000000-00000000"), 404, "not found")
     error(alice("GET", "/api/status/not-a-job"), 404, "not found")
+
+
+@pytest.mark.parametrize(("algorithm", "said"), [
+    ("opens-missing", "No such file or directory: 'input/"),  # the algorithm's own error, naming its input
+    ("bad-output", "output 1 (work/missing.nii.gz) does not exist"),  # Postbox's, naming the algorithm's output
+])
+def test_a_failed_runs_answers_hold_no_server_path(srv: HttpSite, algorithm: str, said: str) -> None:
+    alice = Api(srv, srv.alice)
+    ds = alice.dataset()["id"]
+    alice.upload(ds, "in.txt", b"x")
+    status = alice.run(ds, algorithm)
+    assert status["state"] == "FAILURE" and said in status["status"], status
+    # The job's own record, which the worker wrote, is relative too: it is what any door shows.
+    assert said in read_job(srv.outbox / status["job"])["error"]
+    answers = [alice("GET", f"/api/status/{status['job']}"), alice("GET", f"/api/dataset/{ds}"),
+               alice("GET", "/api/datasets"), alice("GET", "/api/dataobjects"),
+               alice("POST", "/api/trigger", data={"dataset": ds, "algorithm": "noop", "config": "{x"})]
+    for res in answers:
+        assert str(srv.root) not in res.text and str(srv.root.resolve()) not in res.text, res.text
 
 
 def test_pending_then_running_states(srv: HttpSite) -> None:
