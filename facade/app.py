@@ -251,6 +251,6 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
 
 def _path_id(value: str, what: str) -> int:
     """An id from the URL path: one that is not a number names nothing, so 404."""
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise NotFound(f"{what} {value}")
     return int(value)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import jobs
+from pipeline.checks import json_object
 from pipeline.config import Config
 from pipeline.errors import InvalidInput, PostboxError
 from pipeline.health import is_disk_full
@@ -184,13 +185,7 @@ def _settings(text: str | None) -> dict[str, Any] | None:
     """``--settings`` as a JSON object (None when not given); InvalidInput (exit 2) otherwise."""
     if not text:
         return None
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"--settings is not JSON: {exc}") from None
-    if not isinstance(settings, dict):
-        raise InvalidInput("--settings must be a JSON object")
-    return settings
+    return json_object(text, "--settings")
 
 
 def _require_paths(paths: Sequence[Path]) -> None:

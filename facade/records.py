@@ -17,10 +17,8 @@ Layout::
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -29,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import jobs
+from pipeline.checks import check_uid, dicom_series_uid, json_object, safe_name
 from pipeline.config import Config
 from pipeline.errors import InvalidInput
 from pipeline.index import ApiKey, Index
 
 from .errors import NotFound, QuotaExceeded
-from .uploads import Upload, safe_name, unpack_dicom_zip
+from .uploads import Upload, unpack_dicom_zip
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ SITE = "*"
 UPLOADS = ".uploads"
 DEFAULT_TIMEOUT_HOURS = 24.0
 RETRIEVE = ("SEND", "MOVE", "GET")
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _LEFTOVER_SECONDS = 3600.0  # an upload folder or dataset folder untouched this long has no request behind it
 _TABLES = ("datasets", "dataobjects", "locations")
 
@@ -233,12 +231,7 @@ class Records:
             raise InvalidInput(f"type must be FILE or DICOM, not {fields.get('type')!r}")
         meta: dict[str, Any] = {}
         if fields.get("meta_data") not in (None, ""):
-            try:
-                meta = json.loads(fields["meta_data"])
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"meta_data is not JSON: {exc}") from None
-            if not isinstance(meta, dict):
-                raise InvalidInput("meta_data must be a JSON object")
+            meta = json_object(fields["meta_data"], "meta_data")
         parent = None
         if fields.get("parent") not in (None, ""):
             found = self.index.find("dataobjects", id=record_id(fields["parent"], "parent"), dataset=ds["id"])
@@ -274,7 +267,7 @@ class Records:
                 content.mkdir()
         if series is None:
             os.rename(upload.path, content / name)
-            uid = jobs.dicom_series_uid(content / name)  # a file that claims to be DICOM must parse
+            uid = dicom_series_uid(content / name)  # a file that claims to be DICOM must parse
             if kind == "DICOM" and uid is None:
                 raise InvalidInput(f"{name}: a DICOM data object must be a DICOM file or a zip of one series")
             if uid is not None:
@@ -312,9 +305,7 @@ class Records:
         if retrieve not in RETRIEVE:
             raise InvalidInput("a DICOM data object without a file needs dicom_retrieve (SEND, MOVE or GET) "
                                "and seriesUID; or upload the series as a zip in file_data")
-        uid = (fields.get("seriesUID") or "").strip()
-        if not _UID.match(uid) or len(uid) > 64:
-            raise InvalidInput(f"seriesUID must be a DICOM UID (digits and dots, at most 64), not {uid!r}")
+        uid = check_uid((fields.get("seriesUID") or "").strip(), "seriesUID")
         if retrieve in ("MOVE", "GET") and ds.get("from_dicom_location") is None:
             raise InvalidInput(f"dicom_retrieve {retrieve} needs the dataset's from_dicom_location")
         if not self.config.dicom.enabled and retrieve != "GET":

@@ -9,7 +9,6 @@ seen, so they keep stable ids.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from pipeline import jobs
 from pipeline.algorithms import merge_settings, resolve
+from pipeline.checks import json_object
 from pipeline.config import Config
 from pipeline.errors import DamagedManifest, InvalidInput
 from pipeline.index import ApiKey, Index
@@ -61,12 +61,7 @@ class Runs:
         ds = self.records.dataset(key, fields["dataset"], write=True)
         settings: dict[str, Any] = {}
         if fields.get("config") not in (None, ""):
-            try:
-                settings = json.loads(fields["config"])
-            except json.JSONDecodeError as exc:
-                raise InvalidInput(f"config is not JSON: {exc}") from None
-            if not isinstance(settings, dict):
-                raise InvalidInput("config must be a JSON object of the algorithm's settings")
+            settings = json_object(fields["config"], "config", holding="the algorithm's settings")
         merge_settings(alg, settings)  # other keys or types: InvalidInput at the door, not a failed job
         inputs = self.index.find("dataobjects", dataset=ds["id"], is_input=True)
         if not inputs:

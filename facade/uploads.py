@@ -1,8 +1,9 @@
-"""Uploads at the HTTP door: multipart streamed to disk once, safe file names, zipped DICOM series unpacked safely.
+"""Uploads at the HTTP door: multipart streamed to disk once, zipped DICOM series unpacked safely.
 
 Nothing here knows about datasets or jobs: it turns a request body into files in a private folder, or
 refuses it with :class:`~pipeline.errors.InvalidInput` (400) or :class:`TooLarge` (413). The caller removes
-that folder whatever happens, so a refused upload leaves nothing behind.
+that folder whatever happens, so a refused upload leaves nothing behind. Names are made safe by
+:func:`pipeline.checks.safe_name`, as at every door.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import re
 import stat
 import struct
-import unicodedata
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,16 +22,16 @@ from typing import Any, BinaryIO
 import multipart
 
 from pipeline import jobs
+from pipeline.checks import dicom_series_uid, is_ignored, safe_name
 from pipeline.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClientGone", "TooLarge", "Upload", "read_multipart", "safe_name", "unpack_dicom_zip"]
+__all__ = ["ClientGone", "TooLarge", "Upload", "read_multipart", "unpack_dicom_zip"]
 
 CHUNK = 1 << 20  # read and write in 1 MiB pieces: big enough for speed, small enough for flat memory
 MAX_FIELD = 64 * 1024  # a form field (dataset, type, meta_data...) is small; a file goes in file_data
 FILE_FIELD = "file_data"
-_MAX_NAME = 200
 # DICOMDIR is an index of a media set, not an image; macOS puts resource forks in __MACOSX/.
 _SKIPPED_IN_ZIP = ("DICOMDIR",)
 # A zip's end record, its zip64 locator and zip64 end record (APPNOTE 4.3.14 to 4.3.16), and a central
@@ -62,31 +62,6 @@ class Upload:
     path: Path | None = None
     filename: str | None = None
     size: int = 0
-
-
-def safe_name(name: str) -> str:
-    """Reduce a client's file name to one safe path component.
-
-    Only the last component of a POSIX or Windows path is kept (``../../etc/passwd`` -> ``passwd``,
-    ``C:\\scans\\ct.nii.gz`` -> ``ct.nii.gz``); control characters go; leading dots go, since a hidden
-    file is never taken as input.
-
-    Raises
-    ------
-    InvalidInput
-        If nothing usable is left, or the name is one the pipeline ignores (``x.part``, ``x.tmp``, ``x~``).
-    """
-    base = unicodedata.normalize("NFC", str(name)).replace("\\", "/").rsplit("/", 1)[-1]
-    base = "".join(c for c in base if unicodedata.category(c)[0] != "C").strip()
-    base = base.lstrip(".~# ").rstrip(" .") if base not in (".", "..") else ""
-    if not base:
-        raise InvalidInput(f"file name {name!r} has no usable base name; send a plain name such as ct.nii.gz")
-    if len(base.encode("utf-8")) > _MAX_NAME:
-        raise InvalidInput(f"file name {base[:40]!r}... is longer than {_MAX_NAME} bytes")
-    if jobs.is_ignored(base):
-        raise InvalidInput(f"file name {base!r} looks temporary or partial (the pipeline would ignore it); "
-                           "rename the file")
-    return base
 
 
 # --- multipart ------------------------------------------------------------------------------------
@@ -209,7 +184,7 @@ def _entry_name(info: zipfile.ZipInfo) -> str | None:
     if info.is_dir() or any(p.startswith("__MACOSX") for p in parts):
         return None
     base = parts[-1]
-    if not base or base in _SKIPPED_IN_ZIP or jobs.is_ignored(base):
+    if not base or base in _SKIPPED_IN_ZIP or is_ignored(base):
         return None
     return safe_name(base)
 
@@ -330,7 +305,7 @@ def unpack_dicom_zip(archive: Path, dest: Path, *, max_entries: int, max_bytes: 
     series: dict[str, int] = {}
     other: list[str] = []
     for path in sorted(dest.iterdir()):
-        uid = jobs.dicom_series_uid(path)  # InvalidInput for a DICOM file that does not parse
+        uid = dicom_series_uid(path)  # InvalidInput for a DICOM file that does not parse
         if uid is None:
             other.append(path.name)
         else:

@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 import yaml
 from filelock import FileLock, Timeout
 
+from .checks import dicom_series_uid, is_ignored
 from .crashpoints import crash_point
 from .dataobject import DataObject
 from .errors import ClaimLost, DamagedManifest, InvalidInput
@@ -51,9 +51,6 @@ ABANDONED_SECONDS = 3600.0
 RECEIVING = "receiving.json"  # inside a staging folder: a door receiving into it (who sends, where it goes)
 
 _JOB_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{8}$")
-# Editors, browsers and copy tools write these while a file is not yet whole.
-_PARTIAL_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
-_SERIES_UID_TAG = 0x0020000E
 
 
 class JobStatus(str, Enum):
@@ -392,11 +389,6 @@ def read_manifest(job_dir: Path) -> JobManifest:
     return JobManifest.from_yaml(job_dir / JOB_FILE)
 
 
-def is_ignored(name: str) -> bool:
-    """Hidden, temporary and partial files are never taken as input (design.md)."""
-    return name.startswith((".", "~", "#")) or name.lower().endswith(_PARTIAL_SUFFIXES) or name == "Thumbs.db"
-
-
 def newest_change(path: Path) -> float:
     """The latest mtime or ctime in the tree at ``path``.
 
@@ -419,29 +411,6 @@ def newest_change(path: Path) -> float:
 
 
 # --- inputs -------------------------------------------------------------------------------------
-
-
-def dicom_series_uid(path: Path) -> str | None:
-    """The SeriesInstanceUID of a DICOM file (by content, not by name), or None if not DICOM."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return None
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    import pydicom  # only needed for DICOM input; keeps the CLI quick to start
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a broken file is refused below, not warned about
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[_SERIES_UID_TAG])
-    except Exception as exc:  # pydicom raises many types for a broken file
-        raise InvalidInput(f"{path.name}: DICOM file does not parse ({exc})") from None
-    uid = ds.get("SeriesInstanceUID")
-    if not uid:
-        raise InvalidInput(f"{path.name}: DICOM file has no SeriesInstanceUID")
-    return str(uid)
 
 
 def _walk_inputs(root: Path) -> Iterable[Path]:

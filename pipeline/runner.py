@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checks import looks_like_dicom
 from .config import AlgorithmConfig
 from .dataobject import DataObject
 from .errors import AlgorithmFailed, DiskFull, PostboxError
@@ -285,13 +286,7 @@ def run_command(alg: AlgorithmConfig, job_id: str, input_dir: Path, working_dir:
             raise DiskFull(f"the command of job {job_id} failed ({describe_exit(proc.returncode)}) "
                            "with its filesystem full")
         raise AlgorithmFailed(job_id, f"command {argv[0]!r} failed ({describe_exit(proc.returncode)})")
-    outputs = [DataObject(type="DICOM" if _is_dicom(p) else "FILE", path=str(p))
+    outputs = [DataObject(type="DICOM" if looks_like_dicom(p) else "FILE", path=str(p))
                for p in sorted(out_dir.iterdir()) if not p.name.startswith(".")]
     return outputs, {"algorithm_started": started, "algorithm_ended": ended, "load_seconds": 0.0}
 
-
-def _is_dicom(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as fh:
-        return fh.read(132)[128:132] == b"DICM"

@@ -142,6 +142,9 @@ def test_a_key_sees_only_what_it_owns(srv: HttpSite) -> None:
                          ("GET", f"/api/dataobject/{obj}"), ("GET", f"/api/dataobject/download/{obj}"),
                          ("DELETE", f"/api/dataobject/{obj}"), ("GET", f"/api/status/{job}")]:
         error(bob(method, path), 404, "not found")
+    # A digit that is not an ASCII one ("²".isdigit() is True, int("²") raises) names nothing either.
+    for path in ("/api/dataset/%C2%B2", "/api/dataobject/%D9%A3"):
+        error(alice("GET", path), 404, "not found")
     error(bob("POST", "/api/trigger", data={"dataset": ds, "algorithm": "noop"}), 404, f"dataset {ds} not found")
     error(bob.upload(ds, "b.txt", b"bob's"), 404, f"dataset {ds} not found")
     error(bob("POST", "/api/dataset", data={"to_dicom_location": loc}), 404, f"DICOM location {loc} not found")
