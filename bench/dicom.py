@@ -28,6 +28,11 @@ table with each figure, its target and PASS/MISS, and the references measured in
   the instances (median of the rounds): on a shared machine it moves less than the wall-clock figures,
   which other processes' load slows by tens of per cent from one round to the next.
 - Association set-up: ``echoscu`` (set-up, C-ECHO, release, process start included) against each receiver.
+- DICOM over TLS, in the same interleaved rounds (``--no-tls`` leaves it out, ``--tls-only`` runs only the
+  node and storescp, plain and over TLS): a second service with ``dicom.tls`` (a client certificate
+  required), against dcmtk's ``storescp +tls -rc``, both sent to by ``storescu +tls`` with a client
+  certificate of a private CA (``make_certificates``, ECDSA P-256); the throughput, the handshake's share
+  of the association set-up, and job start, each beside its plain figure.
 - Job start after release: ``storescu``'s exit (just after the association release) to the job's
   ``timings.algorithm_started`` (epoch, taken in the algorithm's child process, read from the outbox
   job.yaml), split at ``timings.committed`` (taken in ``jobs.commit`` before the inputs are fsynced), the
@@ -89,6 +94,7 @@ import pydicom  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline import phantom  # noqa: E402
+from pipeline.tls import make_certificates  # noqa: E402
 
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # Debian's dcmtk 3.6.7 leaves Nagle on otherwise
@@ -211,15 +217,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def echo(port: int) -> bool:
-    return subprocess.run([ECHOSCU, "-to", "2", "127.0.0.1", str(port)], env=DCMTK_ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+def echo(port: int, tls: list[str] | None = None) -> bool:
+    proc = subprocess.run([ECHOSCU, *(tls or []), "-to", "2", "127.0.0.1", str(port)], env=DCMTK_ENV,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc.returncode == 0
 
 
-def storescu(port: int, folder: Path, called: str = "ANY-SCP") -> tuple[float, float]:
+def tls_client(certs: Path) -> list[str]:
+    """dcmtk's options for TLS with our client certificate, the receiver checked against our CA."""
+    return ["+tls", str(certs / "client-key.pem"), str(certs / "client.pem"), "+cf", str(certs / "ca.pem")]
+
+
+def storescu(port: int, folder: Path, called: str = "ANY-SCP", tls: list[str] | None = None) -> tuple[float, float]:
     """Send ``folder`` over one association; (wall-clock seconds, epoch of the process's exit)."""
     t = time.perf_counter()
-    proc = subprocess.run([STORESCU, "-aec", called, "+sd", "127.0.0.1", str(port), str(folder)],
+    proc = subprocess.run([STORESCU, *(tls or []), "-aec", called, "+sd", "127.0.0.1", str(port), str(folder)],
                           env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
     seconds, exited = time.perf_counter() - t, time.time()
     if proc.returncode != 0:
@@ -292,6 +304,7 @@ class Receiver:
 
     label = ""
     called = "ANY-SCP"
+    tls: list[str] | None = None  # dcmtk's client options when the receiver serves TLS
 
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -307,7 +320,7 @@ class Receiver:
 
     def ready(self) -> None:
         assert self.proc is not None
-        ok = wait_until(lambda: self.proc.poll() is not None or echo(self.port), 30, 0.1)  # type: ignore[union-attr]
+        ok = wait_until(lambda: self.proc.poll() is not None or echo(self.port, self.tls), 30, 0.1)  # type: ignore[union-attr]
         if not ok or self.proc.poll() is not None:
             raise RuntimeError(f"{self.label} did not start on port {self.port}")
 
@@ -315,14 +328,14 @@ class Receiver:
         """Association set-up, C-ECHO and release with dcmtk's echoscu, ``n`` times (process start included)."""
         for _ in range(n):
             t = time.perf_counter()
-            if not echo(self.port):
+            if not echo(self.port, self.tls):
                 raise RuntimeError(f"{self.label}: echoscu failed")
             self.echoes.append(time.perf_counter() - t)
 
     def send(self, folder: Path, expected: int) -> float:
         assert self.proc is not None
         cpu = cpu_seconds(self.proc.pid)
-        seconds, _ = storescu(self.port, folder, self.called)
+        seconds, _ = storescu(self.port, folder, self.called, self.tls)
         self.cpus.append(cpu_seconds(self.proc.pid) - cpu)
         got = count_files(self.out)
         if got != expected:
@@ -342,9 +355,28 @@ class Storescp(Receiver):
 
     def start(self) -> None:
         self.out.mkdir(parents=True)
-        self.proc = subprocess.Popen([STORESCP, "-od", str(self.out), str(self.port)], env=DCMTK_ENV,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([STORESCP, *self.server_tls(), "-od", str(self.out), str(self.port)],
+                                     env=DCMTK_ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         self.ready()
+
+    def server_tls(self) -> list[str]:
+        return []
+
+
+class StorescpTls(Storescp):
+    """storescp serving TLS as the node does: our server certificate, a client certificate required (``-rc``)."""
+
+    label = "dcmtk storescp `+tls -rc -od` (C++)"
+
+    def __init__(self, base: Path, certs: Path) -> None:
+        super().__init__(base)
+        self.certs = certs
+        self.tls = tls_client(certs)
+
+    def server_tls(self) -> list[str]:
+        return ["+tls", str(self.certs / "server-key.pem"), str(self.certs / "server.pem"),
+                "+cf", str(self.certs / "ca.pem"), "-rc"]
 
 
 class PlainScp(Receiver):
@@ -367,8 +399,12 @@ class Postbox(Receiver):
     label = "Postbox node (`pipeline/node.py`)"
     called = "POSTBOX"
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, certs: Path | None = None) -> None:
         super().__init__(base)
+        self.certs = certs  # serve TLS (dicom.tls, client certificates required) with these
+        if certs is not None:
+            self.label = "Postbox node over TLS (`dicom.tls`, client certificate required)"
+            self.tls = tls_client(certs)
         self.latencies: list[dict[str, float]] = []
         self.warmup: dict[str, float] = {}
         self.jobs: list[dict[str, Any]] = []
@@ -379,14 +415,18 @@ class Postbox(Receiver):
         self.base.mkdir(parents=True)
         (self.base / "benchalgos.py").write_text(NOOP)
         config = self.base / "config.yaml"
+        dicom: dict[str, Any] = {"enabled": True, "host": "127.0.0.1", "port": self.port, "series_timeout": 30,
+                                 "complete_on_release": True, "incomplete": "run"}
+        if self.certs is not None:
+            dicom["tls"] = {"cert": str(self.certs / "server.pem"), "key": str(self.certs / "server-key.pem"),
+                            "ca": str(self.certs / "ca.pem"), "require_client_cert": True}
         config.write_text(yaml.safe_dump({
             "inbox": "inbox", "outbox": "outbox", "database": "index.json", "log_level": "INFO",
             "default_algorithm": "noop",
             "algorithms": [{"name": "noop", "function": "benchalgos:noop"}],
             "worker": {"settle_seconds": 0, "rescan_seconds": 1, "job_timeout": 120},
             "http": {"enabled": False},
-            "dicom": {"enabled": True, "host": "127.0.0.1", "port": self.port, "series_timeout": 30,
-                      "complete_on_release": True, "incomplete": "run"},
+            "dicom": dicom,
         }))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         with open(self.log, "wb") as fh:
@@ -402,7 +442,7 @@ class Postbox(Receiver):
         assert self.proc is not None
         before = set(os.listdir(self.outbox)) if self.outbox.is_dir() else set()
         cpu = cpu_seconds(self.proc.pid)
-        seconds, exited = storescu(self.port, folder, self.called)
+        seconds, exited = storescu(self.port, folder, self.called, self.tls)
         cpu = cpu_seconds(self.proc.pid) - cpu  # the receive only: the gate and the job come after
         new = wait_until(lambda: set(os.listdir(self.outbox)) - before, 300)
         if not new:
@@ -676,6 +716,38 @@ def throughput_rows(n: int, mb: float, node: Postbox, scp: Receiver, decode: Rec
     return rows
 
 
+def tls_rows(n: int, mb: float, node: Postbox, scp: Receiver, node_tls: Postbox, scp_tls: Receiver) -> list[Row]:
+    """DICOM over TLS: the node with ``dicom.tls`` against ``storescp +tls``, and what TLS costs each."""
+    med = {r: statistics.median(r.times) for r in (node, scp, node_tls, scp_tls)}
+    rate = {r: n / m for r, m in med.items()}
+    cpu = {r: statistics.median(r.cpus) / n * 1000 for r in med}
+
+    def runs(r: Receiver) -> str:
+        return "runs " + " / ".join(f"{s:.2f}" for s in r.times) + " s"
+
+    def speed(r: Receiver) -> str:
+        return f"{rate[r]:,.0f} inst/s, {mb / med[r]:,.0f} MB/s (CPU {cpu[r]:.2f} ms/inst)"
+
+    echo_ms = {r: statistics.median(r.echoes) * 1000 for r in med}
+    start = statistics.median(lat["start"] for lat in node_tls.latencies)
+    return [
+        Row(f"{scp_tls.label}, median of {len(scp_tls.times)} ({runs(scp_tls)})", speed(scp_tls), "-", None,
+            f"storescp plain {rate[scp]:,.0f} inst/s", f"{rate[scp_tls] / rate[scp]:.2f}x"),
+        Row(f"{node_tls.label}, median of {len(node_tls.times)} ({runs(node_tls)})", speed(node_tls), "-", None,
+            f"storescp +tls {rate[scp_tls]:,.0f} inst/s", f"{rate[node_tls] / rate[scp_tls]:.2f}x"),
+        Row("Postbox node over TLS against the plain node", f"{rate[node_tls]:,.0f} inst/s", "-", None,
+            f"plain node {rate[node]:,.0f} inst/s (CPU {cpu[node]:.2f} ms/inst)",
+            f"{rate[node_tls] / rate[node]:.2f}x"),
+        Row(f"association set-up over TLS (handshake) + C-ECHO + release, `echoscu +tls` process, median of "
+            f"{len(node_tls.echoes)}", f"node {echo_ms[node_tls]:.0f} ms", "-", None,
+            f"storescp +tls {echo_ms[scp_tls]:.0f} ms; plain node {echo_ms[node]:.0f} ms",
+            f"{echo_ms[node_tls] / echo_ms[scp_tls]:.2f}x storescp +tls"),
+        Row(f"job start after release over TLS, median of {len(node_tls.latencies)}", f"{start:.3f} s",
+            f"< {TARGET_JOB_START} s", start < TARGET_JOB_START,
+            "plain node " + f"{statistics.median(lat['start'] for lat in node.latencies):.3f} s", "-"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--slices", type=int, default=300, help="slices of the CT phantom (default 300)")
@@ -685,11 +757,16 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 2000; 0 leaves it out)")
     p.add_argument("--large-only", action="store_true",
                    help="only the large series: no throughput against the other receivers")
+    p.add_argument("--tls-only", action="store_true",
+                   help="only the node and storescp, plain and over TLS: no pynetdicom SCPs, no large series")
+    p.add_argument("--no-tls", action="store_true", help="leave out the node and storescp over TLS")
     p.add_argument("--repeat", type=int, default=3, help="rounds; the figure is their median (default 3)")
     p.add_argument("--echoes", type=int, default=7, help="echoscu runs per receiver (default 7)")
     p.add_argument("--profile", action="store_true", help="also profile an in-process node (cProfile)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
     args = p.parse_args(argv)
+    if args.tls_only and (args.no_tls or args.large_only):
+        p.error("--tls-only goes with neither --no-tls nor --large-only")
     for tool in (STORESCU, STORESCP, ECHOSCU):
         if not os.access(tool, os.X_OK):
             print(f"bench: {tool} is missing (apt-get install -y dcmtk)", file=sys.stderr)
@@ -699,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     receivers: list[Receiver] = []
     throughput: tuple[Postbox, Receiver, Receiver, Receiver] | None = None
+    over_tls: tuple[Postbox, Receiver, Postbox, Receiver] | None = None
     large: tuple[dict[str, dict[str, list[float]]], Postbox, list[dict[str, float]]] | None = None
     profile_text = ""
     n = mb = big_mb = 0.0
@@ -716,12 +794,20 @@ def main(argv: list[str] | None = None) -> int:
             scp = Storescp(base / "storescp")
             decode = PlainScp(base / "pyscp-decode", "decode")
             raw = PlainScp(base / "pyscp-raw", "raw")
-            receivers.extend([node, scp, decode, raw])
+            receivers.extend([node, scp] if args.tls_only else [node, scp, decode, raw])
+            if not args.no_tls:
+                make_certificates(base / "certs", ["localhost", "127.0.0.1"])
+                node_tls = Postbox(base / "postbox-tls", base / "certs")
+                scp_tls = StorescpTls(base / "storescp-tls", base / "certs")
+                receivers.extend([node_tls, scp_tls])
+                over_tls = (node, scp, node_tls, scp_tls)
             for r in receivers:
                 r.start()
-            node.send(base / "warmup", len(small), record=False)
-            notes.append(f"warm-up job (4 slices, cold algorithm child): storescu exit -> algorithm_started "
-                         f"{node.warmup['start']:.3f} s")
+            for r in receivers:
+                if isinstance(r, Postbox):
+                    r.send(base / "warmup", len(small), record=False)
+                    notes.append(f"warm-up job of {r.label} (4 slices, cold algorithm child): storescu exit -> "
+                                 f"algorithm_started {r.warmup['start']:.3f} s")
             for r in receivers:
                 r.echo_times(args.echoes)
 
@@ -734,8 +820,9 @@ def main(argv: list[str] | None = None) -> int:
                 profile_text = profile_node(base, base / "ct")
             for r in receivers:
                 r.stop()
-            throughput = (node, scp, decode, raw)
-        if args.instances > 0:
+            if not args.tls_only:
+                throughput = (node, scp, decode, raw)
+        if args.instances > 0 and not args.tls_only:
             t = time.perf_counter()
             big = write_series(base / "large", args.instances, args.size)
             big_mb = sum(f.stat().st_size for f in big) / 1e6
@@ -763,12 +850,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if throughput is not None:
         rows.extend(throughput_rows(int(n), mb, *throughput))
+    if over_tls is not None:
+        rows.extend(tls_rows(int(n), mb, *over_tls))
     if large is not None:
         rows.extend(large_rows(large[0], args.instances, large[1], large[2]))
 
     print(f"# Postbox DICOM node benchmark ({os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
           f"{time.perf_counter() - t_all:.0f} s)\n")
-    if throughput is not None:
+    if throughput is not None or over_tls is not None:
         print(f"{n:.0f} CT instances of {args.size}x{args.size} ({mb:.0f} MB), one `storescu +sd` association "
               "each, TCP_NODELAY=1; figures are medians of the interleaved rounds.\n")
     if large is not None:

@@ -326,7 +326,11 @@ class Guard:
                 self._selector.modify(p.sock, selectors.EVENT_WRITE, p)
                 return
             except (ssl.SSLError, OSError) as exc:
-                log.debug("%s: TLS handshake with %s failed (%s)", self.door, p.host, exc)
+                # Said once a minute: a peer whose certificate is refused (a modality given the wrong one)
+                # must show in the log, a scanner's many must not flood it.
+                level = logging.WARNING if self._throttle.due("handshake") else logging.DEBUG
+                log.log(level, "%s: connection from %s refused: TLS handshake failed (%s)", self.door, p.host,
+                        getattr(exc, "reason", None) or type(exc).__name__)
                 self._drop(p)
                 return
             p.handshaking = False

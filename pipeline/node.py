@@ -32,6 +32,8 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from . import gate, jobs
+from .audit import AuditLog
+from .checks import is_uid
 from .config import Config, Route
 from .crashpoints import crash_point
 from .errors import InvalidInput
@@ -208,12 +210,16 @@ class _Inflating:
 
 
 class DicomNode:
-    """The C-STORE/C-ECHO SCP of one Postbox."""
+    """The C-STORE/C-ECHO SCP of one Postbox; a :class:`~pipeline.doors.Door`."""
 
-    def __init__(self, config: Config, index: Index | None = None, health: Health | None = None) -> None:
+    name = "dicom"
+
+    def __init__(self, config: Config, index: Index | None = None, health: Health | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.index = index or Index(config.database)
         self.health = health or Health()
+        self.audit = audit or AuditLog.beside(config.database)  # a line per series received (issue 9)
         self._series: dict[tuple[str, str, str], _Series] = {}
         self._retrying: list[_Series] = []  # complete series whose commit failed: tried again, never dropped
         self._throttle = Throttle(60.0)
@@ -264,8 +270,11 @@ class DicomNode:
         # thread: a silent connection never takes an association thread or a place in max_associations.
         limits = Limits(timeout=dcfg.associate_timeout, max_bytes=ASSOCIATE_RQ_LIMIT,
                         max_per_address=dcfg.max_connections_per_address)
+        # TLS goes to the guard, which makes the handshake without blocking, under associate_timeout; not as
+        # pynetdicom's ssl_context, which makes it in the accepting thread (one silent client stalls them all).
+        tls = self.config.tls_files()["dicom.tls"].server_context() if dcfg.tls is not None else None
         self._server = ae.make_server((dcfg.host, dcfg.port), evt_handlers=handlers, server_class=GuardedServer,
-                                      limits=limits, max_pdu=ae.maximum_pdu_size, allow=allow)
+                                      limits=limits, max_pdu=ae.maximum_pdu_size, allow=allow, tls=tls)
         # Only once the port is ours: a second service on this inbox, whose port was taken, must not take
         # over the series the first one is receiving.
         self._resume()
@@ -273,7 +282,18 @@ class DicomNode:
         self.port = self._server.server_address[1]
         self._timer = threading.Thread(target=self._run_timer, name="dicom-series-timer", daemon=True)
         self._timer.start()
-        log.info("dicom: node %s listening on %s:%d", dcfg.ae_title, dcfg.host, self.port)
+        log.info("dicom: node %s listening on %s:%d%s", dcfg.ae_title, dcfg.host, self.port,
+                 "" if tls is None else " over TLS" + (", client certificates required"
+                                                       if dcfg.tls.require_client_cert else ""))
+
+    def on_job_finished(self, manifest: jobs.JobManifest) -> None:
+        """Nothing: results go back by the sender, not by this node."""
+
+    def on_ready(self) -> None:
+        """Nothing: this door serves from its start."""
+
+    def ready_info(self) -> dict[str, Any] | None:
+        return {"port": self.port, "ae_title": self.config.dicom.ae_title}
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -306,7 +326,7 @@ class DicomNode:
         except Exception as exc:  # any parse error: the instance cannot be understood
             log.warning("dicom: instance from %s refused: does not parse (%s)", calling, type(exc).__name__)
             return CANNOT_UNDERSTAND
-        if not (sop_uid and study_uid and series_uid) or not _safe_uid(sop_uid):
+        if not (sop_uid and study_uid and series_uid) or not is_uid(sop_uid):  # it becomes a file name
             log.warning("dicom: instance from %s refused: no SOP Instance, Study or Series UID to file it by",
                         calling)
             return CANNOT_UNDERSTAND
@@ -502,6 +522,7 @@ class DicomNode:
         # A series an explicit route matched is never diverted; one staged before routes were recorded so
         # (no "explicit") may be, as it could then.
         claimers = [] if state["route"].get("explicit") else self.claimers
+        n = sum(1 for _ in series.folder.glob("*.dcm")) if series.folder.is_dir() else 0
         for claimer in claimers:
             try:
                 taken = claimer(state["series_instance_uid"], series.folder, state["sender"])
@@ -509,10 +530,10 @@ class DicomNode:
                 log.exception("dicom: series %s could not be handed to a waiting dataset", series.key[2])
                 taken = False
             if taken:
+                self._audit_received(state, n, job_id=None)  # counted before: the dataset moved the folder
                 shutil.rmtree(series.staging, ignore_errors=True)
                 log.info("dicom: series %s complete; taken by a waiting dataset", series.key[2])
                 return
-        n = sum(1 for _ in series.folder.glob("*.dcm")) if series.folder.is_dir() else 0
         if n == 0:
             # Staged, but no instance was stored (and none acknowledged): there is nothing to run.
             jobs.discard(series.staging)
@@ -529,9 +550,21 @@ class DicomNode:
         )
         crash_point("node.complete")
         jobs.commit(self.config.inbox, series.staging, manifest, index=self.index)
+        # Once the job exists, not before: a commit tried again after a failure is recorded once.
+        self._audit_received(state, n, job_id=series.job_id)
         if series.failures:
             self.health.clear(DISK_FULL)
         log.info("dicom: series %s complete with %d instances -> job %s", series.key[2], n, series.job_id)
+
+    def _audit_received(self, state: dict[str, Any], n: int, *, job_id: str | None) -> None:
+        """One ``c-store-received`` line for a series, made a job (``job_id``) or taken by a waiting dataset.
+
+        Who sent it (calling AE title, address) and its UID: never a patient's name or ID.
+        """
+        sender = state["sender"]
+        self.audit.record("c-store-received", who=str(sender.get("calling_ae") or "?"),
+                          address=sender.get("address"), job=job_id, series_uid=state["series_instance_uid"],
+                          count=n)
 
     def _gate_passes(self, series: _Series) -> bool:
         """Run the completeness gate; False if the series is held once more for the rest to arrive."""
@@ -554,8 +587,3 @@ class DicomNode:
                     return False
                 # Instances arrived meanwhile under a new staging folder: keep both, commit this one.
         return True
-
-
-def _safe_uid(uid: str) -> bool:
-    # A UID becomes a file name: digits and dots only, as the standard says, and no more than 64.
-    return 0 < len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid)

@@ -70,9 +70,14 @@ class AssociationGuard(Guard):
         # after the network timeout. The kernel's timeouts, not Python's: those poll before each 4 kB read.
         sock.setblocking(True)
         seconds = int(self.server.ae.network_timeout or 0)
-        timeval = struct.pack("ll", seconds, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        if isinstance(sock, ssl.SSLSocket):
+            # Not the kernel's for TLS: a read they time out is SSL_ERROR_WANT_READ, which Python's blocking
+            # SSLSocket answers by reading again, so a stalled peer held its thread for ever.
+            sock.settimeout(seconds or None)
+        else:
+            timeval = struct.pack("ll", seconds, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self.server.openings[sock] = data
         self.server.process_request(sock, peer)
 

@@ -72,6 +72,26 @@ def test_a_dicom_job_sent_on_is_audited_and_postbox_audit_reads_it(site: Site, t
         dest.close()
 
 
+def test_each_series_the_node_receives_is_audited_once_with_its_sender(site: Site, tmp_path: Path) -> None:
+    # Two series of 6 instances in one association: two jobs, one line each, not one per instance.
+    site.write_config(http={"enabled": False}, dicom={"enabled": True, "host": "127.0.0.1", "port": 0,
+                                                      "series_timeout": 30, "complete_on_release": True})
+    for name in ("a", "b"):
+        phantom.write_dicom(tmp_path / "cts" / name, phantom.axial_grid(slices=6, size=32), patient_name="Doe^Jane",
+                            patient_id="MRN-12345")
+    proc = site.start()
+    storescu(site.doors(proc)["dicom"]["port"], tmp_path / "cts")
+    job_dirs = site.done(2)
+    entries = [json.loads(line) for line in site.cli("audit", "--json").stdout.splitlines()]
+    received = sorted(({k: v for k, v in e.items() if k != "time"} for e in entries
+                       if e["action"] == "c-store-received"), key=lambda e: e["job"])
+    assert received == [{"action": "c-store-received", "who": "STORESCU", "address": "127.0.0.1", "job": d.name,
+                         "series_uid": read_job(d)["inputs"][0]["meta_data"]["series_instance_uid"], "count": 6}
+                        for d in sorted(job_dirs, key=lambda d: d.name)]
+    text = (site.root / "audit.log").read_text()
+    assert "Doe" not in text and "MRN-12345" not in text, "no patient name or ID in the audit trail"
+
+
 def test_an_upload_and_a_download_over_http_are_audited_with_the_keys_name(tmp_path: Path) -> None:
     import requests
     from _http import http_site
