@@ -11,6 +11,9 @@ table with each figure, its target and PASS/MISS, and a reference measured in th
 - The round trip of a 40x128x128 phantom with a no-op algorithm: upload, trigger, poll every 20 ms, read
   the dataset, download the output; median of ``--round-trips`` after two warm-up runs.
 
+- With ``--tls`` on (the default), the same uploads to a second service serving HTTPS (``http.tls``, with
+  certificates from ``pipeline.tls.make_certificates``), against the plain uploads of the same run.
+
 The service is a real process, ``postbox --config CFG manage run`` in a temp folder (HTTP on a free port of
 127.0.0.1, DICOM off), stopped with SIGTERM.
 """
@@ -100,14 +103,16 @@ def timed(fn: Any) -> float:
 class Service:
     """A Postbox in a temp folder serving HTTP, with one key."""
 
-    def __init__(self, root: Path, postbox: str) -> None:
+    def __init__(self, root: Path, postbox: str, certs: Path | None = None) -> None:
         self.root = root
         root.mkdir(parents=True)
+        self.certs = certs
+        tls = {"tls": {"cert": str(certs / "server.pem"), "key": str(certs / "server-key.pem")}} if certs else {}
         (root / "benchalgos.py").write_text(NOOP)
         config = root / "config.yaml"
         config.write_text(yaml.safe_dump({
             "database": "index.json", "dicom": {"enabled": False},
-            "http": {"host": "127.0.0.1", "port": 0, "max_upload_mb": 4096},
+            "http": {"host": "127.0.0.1", "port": 0, "max_upload_mb": 4096, **tls},
             "worker": {"processes": 1, "settle_seconds": 0, "rescan_seconds": 1, "keep_warm": True},
             "default_algorithm": "noop",
             "algorithms": [{"name": "noop", "function": "benchalgos:noop"}],
@@ -120,7 +125,7 @@ class Service:
                                          stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.monotonic() + 30
-        while not (m := re.search(r"http: listening on http://127\.0\.0\.1:(\d+)", self.log.read_text())) \
+        while not (m := re.search(r"http: listening on https?://127\.0\.0\.1:(\d+)", self.log.read_text())) \
                 or "worker: watching" not in self.log.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the service did not start:\n{self.log.read_text()}")
@@ -128,7 +133,8 @@ class Service:
         self.port = int(m.group(1))
 
     def client(self) -> Client:
-        return Client("127.0.0.1", self.port, self.key, "noop", progress=False, timeout=600)
+        return Client("127.0.0.1", self.port, self.key, "noop", progress=False, timeout=600,
+                      verify=str(self.certs / "ca.pem") if self.certs else None)
 
     def stop(self) -> list[str]:
         self.proc.send_signal(signal.SIGTERM)
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-trips", type=int, default=20, help="phantom round trips timed (default 20)")
     p.add_argument("--dir", type=Path, default=None, help="where to work (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
+    p.add_argument("--no-tls", action="store_true", help="skip the HTTPS uploads")
     p.add_argument("--postbox", default=POSTBOX, help=f"the service's executable (default {POSTBOX})")
     args = p.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="postbox-bench-http-", dir=args.dir))
@@ -209,6 +216,21 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             problems += svc.stop()
 
+        tls_up_s = None
+        if not args.no_tls:
+            from pipeline.tls import make_certificates
+
+            make_certificates(base / "certs", ["127.0.0.1"])
+            svc = Service(base / "site-tls", args.postbox, certs=base / "certs")
+            try:
+                with svc.client() as client:
+                    dataset = client.add_dataset()
+                    tls_uploads = [timed(lambda: client.add_data_object(dataset, file_path=big))
+                                   for _ in range(args.repeat)]
+                tls_up_s = statistics.median(tls_uploads)
+            finally:
+                problems += svc.stop()
+
         def mbps(seconds: float) -> float:
             return size / MB / seconds
 
@@ -227,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
              "< 50 ms", "PASS" if trip < 0.05 else "MISS",
              f"min {min(trips) * 1000:.1f} / max {max(trips) * 1000:.1f} ms"],
         ]
+        if tls_up_s is not None:
+            rows.insert(2, [f"HTTPS upload {size / MB:.0f} MB (http.tls)", f"{mbps(tls_up_s):.0f} MB/s",
+                            "info", "-", f"{up_s / tls_up_s:.2f}x the plain upload, {copy_s / tls_up_s:.2f}x the copy"])
     finally:
         if args.keep:
             print(f"kept {base}", file=sys.stderr)

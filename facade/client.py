@@ -175,8 +175,6 @@ class Client:
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers["API_KEY"] = api_key
-        if verify:
-            self.session.verify = verify
         names = [a["name"] for a in self._json("GET", "/api/algorithm")]
         matches = [n for n in names if n == algorithm_name] or [n for n in names if algorithm_name in n]
         if len(matches) != 1:
@@ -189,6 +187,9 @@ class Client:
 
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
+        if self.verify:
+            # Per request, not on the session: requests lets $REQUESTS_CA_BUNDLE override a session's verify.
+            kwargs.setdefault("verify", self.verify)
         try:
             res = self.session.request(method, self.base_url + path, **kwargs)
         except requests.RequestException as exc:

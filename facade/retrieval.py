@@ -37,7 +37,12 @@ THREADS = 4  # retrievals at once: one slow PACS must not hold up the others
 
 
 class Retrieval:
-    """Fetches the DICOM inputs of datasets (C-MOVE, C-GET) in its own threads, from ``start`` to ``stop``."""
+    """Fetches the DICOM inputs of datasets (C-MOVE, C-GET) in its own threads, from ``start`` to ``stop``.
+
+    A :class:`~pipeline.doors.Door`, started and stopped with the HTTP door it serves.
+    """
+
+    name = "retrieval"
 
     def __init__(self, config: Config, index: Index, records: Records, audit: AuditLog | None = None) -> None:
         self.config = config
@@ -50,6 +55,15 @@ class Retrieval:
         self._lock = threading.Lock()
 
     # -- lifecycle --
+
+    def on_job_finished(self, manifest: jobs.JobManifest) -> None:
+        """Nothing: a retrieval ends when its series is attached, not when a job does."""
+
+    def on_ready(self) -> None:
+        """Nothing: this door serves from its start."""
+
+    def ready_info(self) -> dict[str, Any] | None:
+        return None
 
     def start(self) -> None:
         """Start the worker threads and queue what a stopped service left to fetch; a second call does nothing."""
@@ -120,9 +134,10 @@ class Retrieval:
                 raise retrieve.RetrieveFailed("the dataset or its from_dicom_location is gone")
             self.records.check_host(source["host"])  # the operator may have taken it off the list since
             loc = Destination(host=source["host"], port=source["port"], ae_title=source["ae_title"] or "ANY-SCP")
+            tls = self.config.location_tls(source["host"])  # the operator's entry says; never the client
             if record["dicom_retrieve"] == "MOVE":
                 n = retrieve.move_series(loc, uid, destination_ae=self.config.dicom.ae_title,
-                                         calling_ae=self.config.dicom.ae_title)
+                                         calling_ae=self.config.dicom.ae_title, tls=tls)
                 self.audit.record("c-move", who=loc.ae_title, address=f"{loc.host}:{loc.port}",
                                   dataset=record["dataset"], series_uid=uid, count=n)
                 self.index.update("dataobjects", {"fetching": False,
@@ -131,7 +146,7 @@ class Retrieval:
                 return
             work = self.records.uploads / f"get-{secrets.token_hex(6)}"
             try:
-                n = retrieve.get_series(loc, uid, work / "series", calling_ae=self.config.dicom.ae_title)
+                n = retrieve.get_series(loc, uid, work / "series", calling_ae=self.config.dicom.ae_title, tls=tls)
                 self.audit.record("c-get", who=loc.ae_title, address=f"{loc.host}:{loc.port}",
                                   dataset=record["dataset"], series_uid=uid, count=n)
                 if not n:

@@ -28,7 +28,9 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import bottle
@@ -39,6 +41,7 @@ from pipeline.config import Config
 from pipeline.guard import Guard, Limits, Refusal
 from pipeline.health import Health
 from pipeline.index import Index
+from pipeline.jobs import JobManifest
 
 from .app import make_app
 from .datasets import Datasets
@@ -109,7 +112,7 @@ class _Input:
 def _length(environ: dict[str, Any]) -> tuple[int | None, bool]:
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     value = environ.get("CONTENT_LENGTH") or ""
-    return (None if chunked else int(value) if value.isdigit() else 0), chunked
+    return (None if chunked else int(value) if value.isascii() and value.isdigit() else 0), chunked
 
 
 class BodyGuard:
@@ -271,7 +274,9 @@ class _HttpGuard(Guard):
         if conn is None:
             conn = self.server.ConnectionClass(self.server, sock, _makefile)
             conn.remote_addr, conn.remote_port = peer[0], peer[1]
-            conn.ssl_env = {}
+            # cheroot adds these to each request's environ; its own TLS (ssl_adapter) is not used: the guard
+            # makes the handshake, under its deadline, never in the accept thread.
+            conn.ssl_env = {"wsgi.url_scheme": "https", "HTTPS": "on"} if self.tls is not None else {}
         conn.rfile.give(data)
         self.server.process_conn(conn)
 
@@ -286,19 +291,23 @@ class _HttpGuard(Guard):
 class _Server(wsgi.Server):
     """cheroot's WSGI server with the guard in place of its connection manager (``prepare`` swaps them)."""
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.tls = tls
         self.max_request_header_size = limits.max_bytes  # cheroot's own count (413) stays, behind the guard
 
     def prepare(self) -> None:
         super().prepare()
         self._connections.close()  # type: ignore[has-type]  # cheroot's own: it holds nothing yet
-        self._connections = _HttpGuard(self, self.limits)
+        self._connections = _HttpGuard(self, self.limits, tls=self.tls)
 
 
 class HttpServer:
-    """The HTTP door of one service: cheroot serving the Bottle app, and the sweep of expired datasets."""
+    """The HTTP door of one service: cheroot serving the Bottle app, the retrieval of the series datasets
+    ask for, and the sweep of expired datasets. A :class:`~pipeline.doors.Door`."""
+
+    name = "http"
 
     def __init__(self, config: Config, index: Index, health: Health | None = None) -> None:
         self.config = config
@@ -308,8 +317,12 @@ class HttpServer:
         guarded = BodyGuard(self.app, upload_limit=int(h.max_upload_mb * 1e6))
         limits = Limits(timeout=h.header_timeout, max_bytes=int(h.max_header_kb * 1024),
                         max_per_address=h.max_connections_per_address)
+        tls = config.tls_files().get("http.tls")
+        self.scheme = "https" if tls is not None else "http"
+        # With TLS on, the port speaks only TLS: a plain HTTP request fails the handshake and is closed.
         self.server = _Server((h.host, h.port), guarded, numthreads=h.threads, max=h.threads,
-                              server_name="postbox", timeout=60, request_queue_size=128, limits=limits)
+                              server_name="postbox", timeout=60, request_queue_size=128, limits=limits,
+                              tls=tls.server_context() if tls is not None else None)
         self.server.gateway = _Gateway
         self.server.error_log = self._error_log  # type: ignore[method-assign]
         self._stop = threading.Event()
@@ -327,8 +340,10 @@ class HttpServer:
                          threading.Thread(target=self._sweep, name="http-sweep")]
         for t in self._threads:
             t.start()
-        log.info("http: listening on http://%s:%d (cheroot, %d threads, uploads up to %g MB)",
-                 self.config.http.host, self.port, self.config.http.threads, self.config.http.max_upload_mb)
+        self.datasets.start()
+        log.info("http: listening on %s://%s:%d (cheroot, %d threads, uploads up to %g MB)",
+                 self.scheme, self.config.http.host, self.port, self.config.http.threads,
+                 self.config.http.max_upload_mb)
 
     def _sweep(self) -> None:
         while True:
@@ -340,8 +355,24 @@ class HttpServer:
                 return
 
     def stop(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self.server.stop()
+        self.datasets.stop(timeout)
         for t in self._threads:
-            t.join(timeout=timeout)
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
         log.info("http: stopped")
+
+    def on_ready(self) -> None:
+        """Nothing: this door serves from its start."""
+
+    def on_job_finished(self, manifest: JobManifest) -> None:
+        """A run's outputs become its dataset's data objects as it finishes, not on the client's next read."""
+        self.datasets.job_finished(manifest)
+
+    def attach_series(self, series_uid: str, folder: Path, sender: dict[str, Any]) -> bool:
+        """The DICOM node's claimer: a series a dataset waits for (SEND or MOVE) goes to that dataset."""
+        return self.datasets.attach_series(series_uid, folder, sender)
+
+    def ready_info(self) -> dict[str, Any] | None:
+        return {"port": self.port, "scheme": self.scheme}

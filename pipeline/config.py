@@ -135,8 +135,9 @@ class HttpConfig:
 
     ``allowed_locations`` are the hosts a DICOM location made over HTTP may name (host names, addresses or
     CIDR blocks); empty allows only the hosts of ``dicom.destinations`` (issue 9: a key must not make the
-    service connect wherever it likes). ``max_datasets_per_key`` and ``max_stored_mb_per_key`` are each
-    key's quotas (429 past them).
+    service connect wherever it likes). An entry may be ``{host: ..., tls: {ca, cert, key}}``: a location
+    on it is reached over TLS with those files. A client never names a file on the server.
+    ``max_datasets_per_key`` and ``max_stored_mb_per_key`` are each key's quotas (429 past them).
 
     Against abuse without a key (issue 9): a connection has ``header_timeout`` seconds to send its request
     line and headers (408), which may be ``max_header_kb`` long (431), and one address may have
@@ -189,19 +190,38 @@ class HttpConfig:
         resolved to match an address entry: what it resolves to may change between this check and the
         connection, so ``localhost`` is refused unless named.
         """
-        entries = self.allowed_locations or tuple(_host_form(h) for h in destinations)
-        wanted = _host_form(host)
+        if not self.allowed_locations:
+            return _matches(host, [_host_form(h) for h in destinations]) is not None
+        return self.location_entry(host) is not None
+
+    def location_entry(self, host: str) -> AllowedLocation | None:
+        """The first entry of ``allowed_locations`` that ``host`` matches, or None."""
+        found = _matches(host, [e.host for e in self.allowed_locations])
+        return None if found is None else self.allowed_locations[found]
+
+
+@dataclass(frozen=True)
+class AllowedLocation:
+    """One ``http.allowed_locations`` entry: an address, a CIDR block or a host name, and how to reach it."""
+
+    host: str
+    tls: TlsConfig | None = None
+
+
+def _matches(host: str, entries: list[str]) -> int | None:
+    """The index of the first entry ``host`` matches: an address in an address or CIDR entry, a name by name."""
+    wanted = _host_form(host)
+    try:
+        address = ipaddress.ip_address(wanted)
+    except ValueError:
+        return entries.index(wanted) if wanted in entries else None
+    for i, entry in enumerate(entries):
         try:
-            address = ipaddress.ip_address(wanted)
+            if address in ipaddress.ip_network(entry, strict=False):
+                return i
         except ValueError:
-            return wanted in entries
-        for entry in entries:
-            try:
-                if address in ipaddress.ip_network(entry, strict=False):
-                    return True
-            except ValueError:
-                continue  # a host name entry
-        return False
+            continue  # a host name entry
+    return None
 
 
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -212,8 +232,22 @@ def _host_form(host: str) -> str:
     return host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
 
 
-def _location_entry(key: str, value: Any) -> str:
-    """One ``http.allowed_locations`` entry, checked: an address, a CIDR block or a host name."""
+def _location_entry(key: str, value: Any) -> AllowedLocation:
+    """One ``http.allowed_locations`` entry, checked: a host, or ``{host: ..., tls: {...}}``."""
+    if isinstance(value, AllowedLocation):
+        return value
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"host", "tls"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "is not a key of an allowed location (host, tls)")
+        tls = _tls(f"{key}.tls", value.get("tls"))
+        if tls is not None and tls.require_client_cert:
+            raise ConfigError(f"{key}.tls.require_client_cert", "is for a door; a location is a peer we connect to")
+        return AllowedLocation(_location_host(f"{key}.host", value.get("host")), tls)
+    return AllowedLocation(_location_host(key, value))
+
+
+def _location_host(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(key, f"must be a host name, an address or a CIDR block, not {value!r}")
     entry = _host_form(value)
@@ -532,7 +566,14 @@ class Config:
         """Every TLS end configured, by its key (``http.tls``, ``dicom.tls``, ``dicom.destinations.NAME.tls``)."""
         found = {"http.tls": self.http.tls, "dicom.tls": self.dicom.tls}
         found.update({f"dicom.destinations.{n}.tls": d.tls for n, d in self.dicom.destinations.items()})
+        found.update({f"http.allowed_locations[{i}].tls": e.tls for i, e in enumerate(self.http.allowed_locations)})
         return {k: v.files(self.base_dir) for k, v in found.items() if v is not None}
+
+    def location_tls(self, host: str) -> TlsFiles | None:
+        """The TLS files to reach a DICOM location made over HTTP on ``host``: its ``http.allowed_locations``
+        entry's, or None (plain DICOM)."""
+        entry = self.http.location_entry(host)
+        return entry.tls.files(self.base_dir) if entry is not None and entry.tls is not None else None
 
     def check_folders(self) -> None:
         """Create the runtime folders if missing and make sure they are writable (and TLS files readable)."""

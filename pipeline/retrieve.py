@@ -13,7 +13,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from .checks import is_uid
 from .config import Destination
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,16 @@ class RetrieveFailed(Exception):
     """The PACS did not give the series; the reason says why."""
 
 
-def _associate(ae: Any, loc: Destination, **kw: Any) -> Any:
+def _associate(ae: Any, loc: Destination, tls: TlsFiles | None, **kw: Any) -> Any:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
-    assoc = ae.associate(loc.host, loc.port, ae_title=loc.ae_title, **kw)
+    tls_args = (tls.client_context(), loc.host) if tls is not None else None  # the peer's name checked
+    assoc = ae.associate(loc.host, loc.port, ae_title=loc.ae_title, tls_args=tls_args, **kw)
     if not assoc.is_established:
         raise RetrieveFailed(f"no association with {loc.ae_title}@{loc.host}:{loc.port}")
     return assoc
 
 
-def find_study(loc: Destination, series_uid: str, *, calling_ae: str) -> str:
+def find_study(loc: Destination, series_uid: str, *, calling_ae: str, tls: TlsFiles | None = None) -> str:
     """The StudyInstanceUID of ``series_uid`` at the PACS (a SERIES-level C-FIND, Study Root)."""
     from pydicom.dataset import Dataset
     from pynetdicom import AE
@@ -51,7 +54,7 @@ def find_study(loc: Destination, series_uid: str, *, calling_ae: str) -> str:
     query.QueryRetrieveLevel = "SERIES"
     query.SeriesInstanceUID = series_uid
     query.StudyInstanceUID = ""
-    assoc = _associate(ae, loc)
+    assoc = _associate(ae, loc, tls)
     studies = set()
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -96,15 +99,16 @@ def _check(responses: Any, what: str, loc: Destination) -> int:
     return completed
 
 
-def move_series(loc: Destination, series_uid: str, *, destination_ae: str, calling_ae: str) -> int:
+def move_series(loc: Destination, series_uid: str, *, destination_ae: str, calling_ae: str,
+                tls: TlsFiles | None = None) -> int:
     """Ask the PACS to C-STORE the series to ``destination_ae`` (our node); returns the instances moved."""
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
-    study_uid = find_study(loc, series_uid, calling_ae=calling_ae)
+    study_uid = find_study(loc, series_uid, calling_ae=calling_ae, tls=tls)
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = _associate(ae, loc)
+    assoc = _associate(ae, loc, tls)
     try:
         n = _check(assoc.send_c_move(_identifier(series_uid, study_uid), destination_ae,
                                      StudyRootQueryRetrieveInformationModelMove), "C-MOVE", loc)
@@ -115,13 +119,14 @@ def move_series(loc: Destination, series_uid: str, *, destination_ae: str, calli
     return n
 
 
-def get_series(loc: Destination, series_uid: str, out_dir: Path, *, calling_ae: str) -> int:
+def get_series(loc: Destination, series_uid: str, out_dir: Path, *, calling_ae: str,
+               tls: TlsFiles | None = None) -> int:
     """C-GET the series into ``out_dir`` (each instance written whole, then renamed); returns the count."""
     from pydicom import uid as _uid
     from pynetdicom import AE, build_role, evt, sop_class
     from pynetdicom.dsutils import encode_file_meta
 
-    study_uid = find_study(loc, series_uid, calling_ae=calling_ae)
+    study_uid = find_study(loc, series_uid, calling_ae=calling_ae, tls=tls)
     ae = AE(ae_title=calling_ae)
     model = sop_class.StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
     ae.add_requested_context(model)
@@ -134,7 +139,7 @@ def get_series(loc: Destination, series_uid: str, out_dir: Path, *, calling_ae: 
 
     def on_store(event: Any) -> int:
         sop = str(event.request.AffectedSOPInstanceUID)
-        if not sop or not all(c.isdigit() or c == "." for c in sop):
+        if not is_uid(sop):  # it becomes a file name
             return 0xC000
         tmp = out_dir / f".{sop}.{secrets.token_hex(3)}.tmp"
         with open(tmp, "wb") as fh:
@@ -143,7 +148,7 @@ def get_series(loc: Destination, series_uid: str, out_dir: Path, *, calling_ae: 
         os.replace(tmp, out_dir / f"{sop}.dcm")
         return 0x0000
 
-    assoc = _associate(ae, loc, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = _associate(ae, loc, tls, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         n = _check(assoc.send_c_get(_identifier(series_uid, study_uid), model), "C-GET", loc)
     finally:

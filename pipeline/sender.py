@@ -41,6 +41,14 @@ class SendFailed(PostboxError):
         return (type(self), (self.reason, self.stored))
 
 
+def _tls_for(cfg: Config, dest: Destination, *, from_http: bool) -> TlsFiles | None:
+    """A destination of dicom.destinations has its own ``tls``; a DICOM location made over HTTP gets TLS
+    from its host's entry in ``http.allowed_locations``, looked up at each send (the operator's word now)."""
+    if from_http:
+        return cfg.location_tls(dest.host)
+    return dest.tls.files(cfg.base_dir) if dest.tls is not None else None
+
+
 def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30,
                on_association: Callable[[Any], None] | None = None, tls: TlsFiles | None = None) -> None:
     """C-STORE ``files`` to ``dest`` over one association (over TLS with ``tls``, checking the peer's name).
@@ -93,7 +101,12 @@ def _abort(assoc: Any) -> None:
 
 
 class Sender:
-    """Delivers pending sends of finished jobs; wakes on ``notify`` and rescans the index for the rest."""
+    """Delivers pending sends of finished jobs; wakes on ``notify`` and rescans the index for the rest.
+
+    A :class:`~pipeline.doors.Door`: the service starts it, tells it of each finished job and stops it.
+    """
+
+    name = "sender"
 
     def __init__(self, config: Config, index: Index | None = None, audit: AuditLog | None = None) -> None:
         self.config = config
@@ -121,6 +134,15 @@ class Sender:
             if self._thread.is_alive():
                 log.warning("sender: a send did not end within %.0f s; it stays pending for the next start",
                             timeout)
+
+    def on_ready(self) -> None:
+        self.notify()  # the index is repaired now: the sends pending at the last stop go
+
+    def on_job_finished(self, manifest: jobs.JobManifest) -> None:
+        self.notify(manifest)
+
+    def ready_info(self) -> dict[str, Any] | None:
+        return None
 
     def notify(self, manifest: jobs.JobManifest | None = None) -> None:
         """Wake up: a job with sends pending has finished (or, without a manifest, just look again)."""
@@ -204,11 +226,15 @@ class Sender:
         stored: list[str] = []
         if dest is None:
             error = f"destination '{name}' is not in dicom.destinations"
+        elif state.target is not None and not cfg.http.allows_location(
+                dest.host, destinations=[d.host for d in cfg.dicom.destinations.values()]):
+            # A location made over HTTP: the operator may have taken its host off the list since.
+            error = f"host {dest.host} is no longer on http.allowed_locations"
         elif missing:
             try:
                 send_files(dest, [job_dir / f for f in missing], calling_ae=cfg.dicom.ae_title,
                            on_association=self._set_assoc,
-                           tls=dest.tls.files(cfg.base_dir) if dest.tls is not None else None)
+                           tls=_tls_for(cfg, dest, from_http=state.target is not None))
                 stored = missing
             except SendFailed as exc:
                 error = exc.reason

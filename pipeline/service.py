@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from . import algorithms
 from .config import Config
+from .doors import Door
 from .errors import PostboxError
 from .health import Health
 from .index import Index
@@ -94,36 +95,15 @@ class Service:
         health = Health()
         worker = Worker(cfg, index, health)
         self._stop.clear()
-        doors: list[Any] = []
-        ports: dict[str, Any] = {}
-        sender = None
-        if cfg.dicom.enabled:
-            from .node import DicomNode
-            from .sender import Sender
-
-            node = DicomNode(cfg, index, health)
-            try:
-                node.start()
-            except OSError as exc:
-                log.error("dicom: cannot listen on %s:%d (%s); the DICOM door stays closed in this process",
-                          cfg.dicom.host, cfg.dicom.port, exc.strerror or exc)
-            else:
-                doors.append(node)
-                ports["dicom"] = {"port": node.port, "ae_title": cfg.dicom.ae_title}
-            # The sender runs either way: it delivers what this service's worker finishes, and a lock per
-            # send keeps two services from delivering one file twice.
-            sender = Sender(cfg, index)
-            worker.finished_hooks.append(sender.notify)
-            sender.start()
-        http = self._start_http(cfg, index, health)
-        if http is not None:
-            doors.append(http)
-            ports["http"] = {"port": http.port}
-            # A run's outputs become its dataset's data objects as it finishes, not on the client's next read.
-            worker.finished_hooks.append(http.datasets.job_finished)
-            if "dicom" in ports:
-                # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
-                node.claimers.append(http.datasets.attach_series)
+        doors = self._start_doors(cfg, index, health)
+        for door in doors:
+            worker.finished_hooks.append(door.on_job_finished)
+        by_name = {door.name: door for door in doors}
+        node, http = by_name.get("dicom"), by_name.get("http")
+        if node is not None and http is not None:
+            # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
+            node.claimers.append(http.attach_series)  # type: ignore[attr-defined]
+        ports = {door.name: info for door in doors if (info := door.ready_info()) is not None}
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("service: %s received, stopping", signal.Signals(signum).name)
@@ -149,8 +129,8 @@ class Service:
             while not self._stop.wait(0.05):
                 if ready is None and worker.ready.is_set():
                     ready = ReadyFile.write(cfg.inbox, ports)
-                    if sender is not None:
-                        sender.notify()  # the index is repaired now: the sends pending at the last stop go
+                    for door in doors:
+                        door.on_ready()
                 if not thread.is_alive():
                     break
         finally:
@@ -158,7 +138,7 @@ class Service:
             # aborted, its state stays pending); each within what is left of worker.stop_timeout.
             deadline = time.monotonic() + cfg.worker.stop_timeout
             worker.stop()
-            for door in [*doors, *([sender] if sender is not None else [])]:
+            for door in doors:
                 try:
                     door.stop(timeout=max(0.1, deadline - time.monotonic()))
                 except Exception:  # one door failing to stop must not keep the worker running
@@ -174,24 +154,35 @@ class Service:
         return 1 if failure else 0
 
     @staticmethod
-    def _start_http(cfg: Config, index: Index, health: Health) -> Any:
-        """Start the HTTP facade if configured; None if disabled or its address is taken.
+    def _start_doors(cfg: Config, index: Index, health: Health) -> list[Door]:
+        """Make and start every door configured; the ones that started, in the order to stop them.
 
-        A taken address closes only this door, loudly: several services may share one inbox (and one
-        config.yaml) on one machine, and the second one's worker must still run.
+        A taken address closes only that door, loudly: several services may share one inbox (and one
+        config.yaml) on one machine, and the second one's worker must still run. The sender runs whenever
+        DICOM is on, port or not: it delivers what this service's worker finishes, and a lock per send
+        keeps two services from delivering one file twice.
         """
-        if not cfg.http.enabled:
-            return None
-        from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
+        made: list[tuple[Door, str]] = []
+        if cfg.dicom.enabled:
+            from .node import DicomNode
+            from .sender import Sender
 
-        http = HttpServer(cfg, index, health)
-        try:
-            http.start()
-        except OSError as exc:
-            log.error("http: cannot listen on %s:%d (%s); the HTTP door stays closed in this process",
-                      cfg.http.host, cfg.http.port, exc.strerror or exc)
-            return None
-        return http
+            made.append((DicomNode(cfg, index, health), f"{cfg.dicom.host}:{cfg.dicom.port}"))
+            made.append((Sender(cfg, index), ""))
+        if cfg.http.enabled:
+            from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
+
+            made.append((HttpServer(cfg, index, health), f"{cfg.http.host}:{cfg.http.port}"))
+        started: list[Door] = []
+        for door, address in made:
+            try:
+                door.start()
+            except OSError as exc:
+                log.error("%s: cannot listen on %s (%s); the %s door stays closed in this process", door.name,
+                          address, exc.strerror or exc, door.name.upper())
+                continue
+            started.append(door)
+        return started
 
     def stop(self) -> None:
         self._stop.set()

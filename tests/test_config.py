@@ -43,6 +43,14 @@ from pipeline.errors import ConfigError
     ({"http": {"allowed_locations": ["pacs", "10.0.0.300"]}}, "http.allowed_locations[1]", "not a host name"),
     ({"http": {"allowed_locations": ["pacs", 104]}}, "http.allowed_locations[1]", "must be a host name"),
     ({"http": {"allowed_locations": ["http://pacs"]}}, "http.allowed_locations[0]", "not a host name"),
+    ({"http": {"allowed_locations": [{"host": "pacs", "port": 104}]}}, "http.allowed_locations[0].port",
+     "is not a key of an allowed location"),
+    ({"http": {"allowed_locations": [{"host": "pacs", "tls": {"ca": "ca.pem", "require_client_cert": True}}]}},
+     "http.allowed_locations[0].tls.require_client_cert", "is for a door"),
+    ({"http": {"allowed_locations": [{"tls": {"ca": "ca.pem"}}]}}, "http.allowed_locations[0].host",
+     "must be a host name"),
+    ({"http": {"allowed_locations": [{"host": "pacs", "tls": {"ca": "missing.pem"}}]}},
+     "http.allowed_locations[0].tls.ca", "cannot read missing.pem"),
     ({"http": {"max_datasets_per_key": 0}}, "http.max_datasets_per_key", "must be > 0"),
     ({"http": {"max_stored_mb_per_key": -1}}, "http.max_stored_mb_per_key", "must be > 0"),
     ({"inbox": "blocker/inbox"}, "inbox", "cannot create folder"),
@@ -91,7 +99,7 @@ def test_defaults_are_embedded_and_paths_resolve_against_the_config_folder(tmp_p
 def test_allowed_locations_match_addresses_blocks_and_names_never_resolved(tmp_path: Path) -> None:
     http = Config.from_dict({"http": {"allowed_locations": ["10.1.0.0/16", "PACS.Hospital.", "::1", "192.0.2.7"]}},
                             base_dir=tmp_path).http
-    assert http.allowed_locations == ("10.1.0.0/16", "pacs.hospital", "::1/128", "192.0.2.7/32")
+    assert [e.host for e in http.allowed_locations] == ["10.1.0.0/16", "pacs.hospital", "::1/128", "192.0.2.7/32"]
     for host in ("10.1.200.3", "pacs.hospital", "PACS.HOSPITAL.", "[::1]", "192.0.2.7"):
         assert http.allows_location(host), host
     # Not listed; a name is never resolved to pass an address entry, nor an address a name entry.
@@ -104,6 +112,19 @@ def test_allowed_locations_match_addresses_blocks_and_names_never_resolved(tmp_p
     assert empty.allows_location("10.0.0.5", destinations=["tps.local", "10.0.0.5"])
     assert not empty.allows_location("10.0.0.6", destinations=["tps.local", "10.0.0.5"])
     assert not empty.allows_location("127.0.0.1")
+
+
+def test_an_allowed_location_entry_may_say_how_to_reach_it_over_tls(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("")
+    cfg = Config.from_dict({"http": {"allowed_locations": ["10.0.0.0/8", {"host": "pacs.hospital",
+                                                                          "tls": {"ca": "ca.pem"}}]}},
+                           base_dir=tmp_path)
+    assert cfg.http.allows_location("pacs.hospital") and cfg.http.allows_location("10.3.3.3")
+    tls = cfg.location_tls("PACS.hospital")
+    assert tls is not None and tls.ca == tmp_path / "ca.pem" and tls.cert is None
+    assert cfg.location_tls("10.3.3.3") is None  # listed without tls: plain DICOM
+    assert cfg.location_tls("elsewhere") is None
+    assert "http.allowed_locations[1].tls" in cfg.tls_files()
 
 
 def test_config_error_survives_pickling() -> None:

@@ -188,7 +188,8 @@ def test_two_services_on_one_config_each_job_runs_once_and_each_result_arrives_o
             "routes": [{"algorithm": "body-lungs", "destinations": ["TPS"]}]})
         first = site.start()
         second = site.start()
-        assert site.doors(first) == {"http": {"port": http_port}, "dicom": {"port": dicom_port, "ae_title": "POSTBOX"}}
+        assert site.doors(first) == {"http": {"port": http_port, "scheme": "http"},
+                                     "dicom": {"port": dicom_port, "ae_title": "POSTBOX"}}
         assert site.doors(second) == {}, "the second service has no door of its own"
         second_log = (site.root / "service-1.log").read_text()
         for door in ("dicom", "http"):

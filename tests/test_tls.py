@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import ssl
 import subprocess
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 from _peers import DCMTK_ENV, storescu
 from conftest import Site, read_job, wait_for
 
@@ -121,3 +125,49 @@ def test_a_tls_file_that_cannot_be_read_stops_the_start_naming_the_key(site: Sit
     site.write_config(http={"tls": {"cert": "missing.pem", "key": "missing-key.pem"}})
     proc = site.cli("manage", "run", check=False, timeout=30)
     assert proc.returncode == 2 and "http.tls.cert" in proc.stderr and str(site.root) not in proc.stderr
+
+
+@pytest.mark.parametrize("listed_with_tls", [True, False])
+def test_a_location_made_over_http_gets_tls_only_from_the_operators_entry(site: Site, tmp_path: Path, certs: Path,
+                                                                          listed_with_tls: bool) -> None:
+    # The key names a host and a port, never a file: TLS and the client certificate come from config.yaml.
+    port = free_port()
+    scp = storescp_tls(port, tmp_path / "received", certs)
+    try:
+        entry: Any = {"host": "127.0.0.1", "tls": {"ca": str(certs / "ca.pem"), "cert": str(certs / "client.pem"),
+                                                   "key": str(certs / "client-key.pem")}}
+        site.config["algorithms"][0] = {"name": "noop", "function": "testalgos:echo_series"}
+        site.write_config(http={"allowed_locations": [entry if listed_with_tls else "127.0.0.1"]},
+                          dicom={"enabled": True, "port": 0, "send_backoff_max": 0.2, "send_retry_seconds": 1})
+        key = site.cli("manage", "key", "--add", "alice").stdout.strip()
+        proc = site.start()
+        url = f"http://127.0.0.1:{site.doors(proc)['http']['port']}"
+
+        def api(method: str, path: str, **kw: Any) -> Any:
+            res = requests.request(method, url + path, headers={"API_KEY": key}, timeout=30, **kw)
+            assert res.status_code < 300, res.text
+            return res.json()
+
+        loc = api("POST", "/api/dicomlocation", data={"name": "tps", "host": "127.0.0.1", "port": port,
+                                                      "ae_title": "TPS"})
+        ds = api("POST", "/api/dataset", data={"to_dicom_location": loc["id"]})["id"]
+        phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=6, size=32))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for f in sorted((tmp_path / "ct").iterdir()):
+                zf.write(f, f.name)
+        api("POST", "/api/dataobject", data={"dataset": ds, "type": "FILE", "file_name": "ct.zip"},
+            files={"file_data": ("ct.zip", buf.getvalue())})
+        api("POST", "/api/trigger", data={"dataset": ds, "algorithm": "noop"})
+        [job_dir] = site.done(1)
+        [name] = read_job(job_dir)["sends"]
+        state = wait_for(lambda: (s := read_job(job_dir)["sends"][name])["status"] != "pending" and s
+                         or (not listed_with_tls and s.get("attempts", 0) >= 2 and s), 30, what="the send to end")
+        if listed_with_tls:
+            assert state["status"] == "sent", state
+            assert len(list((tmp_path / "received").iterdir())) == 2
+        else:  # plain DICOM to a TLS-only peer: nothing arrives
+            assert state["status"] != "sent" and list((tmp_path / "received").iterdir()) == []
+    finally:
+        scp.kill()
+        scp.wait()
