@@ -268,6 +268,9 @@ class _HttpGuard(Guard):
         return _answer("408 Request Timeout",
                        f"the request line and headers did not arrive within {self.limits.timeout:g} s")
 
+    def plain_answer(self) -> bytes:
+        return _answer("400 Bad Request", "this port serves HTTPS only (http.tls): use https://")
+
     def hand_off(self, sock: socket.socket, peer: Any, data: bytes, token: Any) -> None:
         sock.settimeout(self.server.timeout)
         conn = token

@@ -15,8 +15,10 @@ what to answer one that is refused or late, and what to do with a connection who
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -143,6 +145,10 @@ class Guard:
 
     def late(self, data: bytearray) -> bytes:
         """The answer to a connection whose opening did not come in time (``data`` is what did)."""
+        return b""
+
+    def plain_answer(self) -> bytes:
+        """What to answer, unencrypted, a plain HTTP request made to a door that serves TLS (b"": nothing)."""
         return b""
 
     def hand_off(self, sock: socket.socket, peer: Any, data: bytes, token: Any) -> None:
@@ -331,6 +337,15 @@ class Guard:
                 level = logging.WARNING if self._throttle.due("handshake") else logging.DEBUG
                 log.log(level, "%s: connection from %s refused: TLS handshake failed (%s)", self.door, p.host,
                         getattr(exc, "reason", None) or type(exc).__name__)
+                if getattr(exc, "reason", None) == "HTTP_REQUEST" and (answer := self.plain_answer()):
+                    # A plain request on a TLS port (OpenSSL knows one): say so in plain text, as nginx does.
+                    with contextlib.suppress(OSError):
+                        # The rest of the request read first: a close with unread bytes is a reset, which
+                        # may reach the client before the answer does.
+                        while os.read(p.sock.fileno(), _RECV):
+                            pass
+                    with contextlib.suppress(OSError):
+                        os.write(p.sock.fileno(), answer)
                 self._drop(p)
                 return
             p.handshaking = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -29,6 +30,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from pipeline import phantom
+from pipeline.tls import make_certificates
 
 MB = 1 << 20
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # Debian's dcmtk leaves Nagle on otherwise and crawls
@@ -248,3 +250,38 @@ def test_a_deflated_instance_under_the_limit_is_read_in_flat_memory(site: Site, 
     data = bomb.read_bytes()
     meta_end = 144 + struct.unpack_from("<I", data, 140)[0]  # after (0002,0000), the meta's group length
     assert stored.read_bytes().endswith(data[meta_end:]), "stored as received, deflated"
+
+
+@pytest.mark.usefixtures("chunked_send")
+def test_the_pdu_cap_and_the_deflate_limit_hold_over_tls(site: Site, bomb: Path, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    make_certificates(certs, ["127.0.0.1"])
+    proc, port = start(site, max_instance_mb=64,
+                       tls={"cert": str(certs / "server.pem"), "key": str(certs / "server-key.pem")})
+    client = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    before = rss(proc.pid)["VmRSS"]
+    with connect(port, "127.0.0.1") as raw, client.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+        sent = 0
+        try:
+            sock.sendall(b"\x01\x00" + struct.pack(">L", 0xFFFFFFFF))  # an A-ASSOCIATE-RQ of 4 GiB, encrypted
+            block = bytes(MB)
+            while sent < 256 * MB:
+                sock.sendall(block)
+                sent += len(block)
+        except OSError:
+            pass
+    assert sent < 64 * MB, f"{sent / MB:.0f} MB were taken before the refusal"
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage, [DeflatedExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="POSTBOX", tls_args=(client, "127.0.0.1"))
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(path).Status) for path in (bomb, deflated_ct(tmp_path))]
+    finally:
+        assoc.release()
+        ae.shutdown()
+    assert statuses == [OUT_OF_RESOURCES, 0x0000]
+    grown = rss(proc.pid)["VmHWM"] - before
+    assert grown < 200 * MB, f"RSS grew by {grown / MB:.0f} MB"
+    assert len(staged_instances(site)) == 1, "the ordinary slice only"
