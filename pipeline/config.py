@@ -317,7 +317,8 @@ class DicomConfig:
     A-ASSOCIATE-RQ, one address may have ``max_connections_per_address`` connections open at once (fewer than
     ``max_associations``, so that one address cannot take every association), a PDU may
     be ``max_pdu_mb`` long (our advertised maximum; a longer one aborts the association before it is read),
-    and an instance ``max_instance_mb``, as received or once inflated (0xA700 past it).
+    and an instance ``max_instance_mb``, as received or once inflated (0xA700 past it); a deflated one may
+    inflate to at most ``max_deflate_ratio`` times its size once past 64 MB (a deflate bomb).
     """
 
     ae_title: str = field(default="POSTBOX", metadata=_t(str))
@@ -340,6 +341,7 @@ class DicomConfig:
     max_connections_per_address: int = field(default=8, metadata=_t(int))
     max_pdu_mb: float = field(default=16.0, metadata=_t(float))
     max_instance_mb: float = field(default=2048.0, metadata=_t(float))
+    max_deflate_ratio: float = field(default=200.0, metadata=_t(float))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tls", _tls("dicom.tls", self.tls))
@@ -361,6 +363,7 @@ class DicomConfig:
         _positive("dicom.max_connections_per_address", self.max_connections_per_address)
         _positive("dicom.max_pdu_mb", self.max_pdu_mb)
         _positive("dicom.max_instance_mb", self.max_instance_mb)
+        _positive("dicom.max_deflate_ratio", self.max_deflate_ratio)
         dests = {}
         for name, spec in self.destinations.items():
             dests[str(name)] = spec if isinstance(spec, Destination) else _build(Destination, spec,

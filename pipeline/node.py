@@ -96,6 +96,7 @@ def route_for(config: Config, called_ae: str, calling_ae: str, attributes: dict[
     return Route(algorithm=config.default_algorithm)
 
 
+_RATIO_FLOOR = 64 * 10**6  # a deflated instance may always inflate this far, whatever its ratio
 _DEFER = 1 << 16  # an element longer than this is skipped, not read: none of the attributes we need is as long
 
 
@@ -103,7 +104,7 @@ class _TooLarge(Exception):
     """An instance over ``dicom.max_instance_mb``, as received or once inflated: refused with 0xA700."""
 
 
-def _headers(raw: bytes, transfer_syntax: str, *, max_bytes: int) -> Any:
+def _headers(raw: bytes, transfer_syntax: str, *, max_bytes: int, max_ratio: float = 200.0) -> Any:
     """Parse just the attributes needed to file, route and gate an instance, never the pixel data.
 
     Everything filing and routing need comes before SeriesInstanceUID, and the completeness gate's geometry
@@ -113,10 +114,12 @@ def _headers(raw: bytes, transfer_syntax: str, *, max_bytes: int) -> Any:
 
     A deflated instance is inflated only as far as those attributes, then the rest is inflated and counted,
     never held: a 1 MB deflate bomb was inflated whole, to 1 GiB (issue 9). Raises _TooLarge for an
-    instance over ``max_bytes``, as received or inflated, as soon as that is known.
+    instance over ``max_bytes``, as received or inflated, or one that inflates to more than ``max_ratio``
+    times its deflated size (past 64 MB), as soon as that is known: such a bomb is refused whatever the size
+    limit, since every later read of it would inflate it again.
     """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        stream = _Inflating(raw, max_bytes)
+        stream = _Inflating(raw, min(max_bytes, max(_RATIO_FLOOR, int(max_ratio * len(raw)))))
         ds = read_dataset(cast(BinaryIO, stream), False, True, stop_when=gate.past_last_tag, defer_size=_DEFER)
         stream.drain()
         return ds
@@ -163,8 +166,8 @@ class _Inflating:
             if chunk:
                 self.size += len(chunk)
                 if self.size > self.limit:
-                    raise _TooLarge(f"over {self.limit / 1e6:g} MB once inflated (dicom.max_instance_mb), "
-                                    f"from {len(self._data) / 1e6:.1f} MB deflated")
+                    raise _TooLarge(f"over {self.limit / 1e6:g} MB once inflated (dicom.max_instance_mb, "
+                                    f"dicom.max_deflate_ratio), from {len(self._data) / 1e6:.1f} MB deflated")
                 return chunk
             self._ended = not data
         return b""
@@ -317,7 +320,8 @@ class DicomNode:
         called = str(getattr(primitive, "called_ae_title", None) or assoc.acceptor.ae_title).strip()
         try:
             raw = event.encoded_dataset(include_meta=False)
-            ds = _headers(raw, event.context.transfer_syntax, max_bytes=int(self.config.dicom.max_instance_mb * 1e6))
+            ds = _headers(raw, event.context.transfer_syntax, max_bytes=int(self.config.dicom.max_instance_mb * 1e6),
+                          max_ratio=self.config.dicom.max_deflate_ratio)
             sop_uid = str(ds.get("SOPInstanceUID") or event.request.AffectedSOPInstanceUID or "")
             study_uid, series_uid = str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", ""))
         except _TooLarge as exc:  # never stored: every later read of it would inflate it again

@@ -37,6 +37,7 @@ __all__ = ["ASSOCIATE_RQ_LIMIT", "AssociationGuard", "GuardedServer"]
 # An A-ASSOCIATE-RQ proposing all 128 presentation contexts with a few transfer syntaxes each is ~40 kB.
 ASSOCIATE_RQ_LIMIT = 256 * 1024
 _ASSOCIATE_RQ = 0x01
+_PDU_HEADER = 6  # type, reserved, length (PS3.8 9.3.1)
 
 
 def _abort(reason: int) -> bytes:
@@ -99,16 +100,26 @@ class _GuardedSocket(AssociationSocket):
             if len(data) < nr_bytes:
                 data += super().recv(nr_bytes - len(data))
             return data
-        if nr_bytes > self.max_pdu:
-            # The DUL reads a PDU's 6-byte header, then asks for the length it declares: refuse it here,
-            # before a byte of it is buffered. An empty read ends the association (a closed connection).
-            log.warning("dicom: association from %s aborted: a PDU of %d bytes, over dicom.max_pdu_mb (%d bytes)",
-                        self.assoc.requestor.ae_title, nr_bytes, self.max_pdu)
-            with suppress(OSError):
-                if self.socket is not None:
-                    self.socket.sendall(_abort(6))
+        if nr_bytes == _PDU_HEADER:
+            # The DUL reads a PDU's 6-byte header, then asks for the length it declares: refuse it from the
+            # header, before a byte of it is buffered. An empty header ends the association as a closed
+            # connection, quietly (an empty body would have pynetdicom log an ERROR for each attack).
+            header = super().recv(nr_bytes)
+            if len(header) == _PDU_HEADER and (length := struct.unpack_from(">L", header, 2)[0]) > self.max_pdu:
+                self._refuse(length)  # the length a PDU declares is of what follows its header
+                return bytearray()
+            return header
+        if nr_bytes > self.max_pdu:  # not reached through the header check; kept should pynetdicom read otherwise
+            self._refuse(nr_bytes)
             return bytearray()
         return super().recv(nr_bytes)
+
+    def _refuse(self, length: int) -> None:
+        log.warning("dicom: association from %s aborted: a PDU of %d bytes, over dicom.max_pdu_mb (%d bytes)",
+                    self.assoc.requestor.ae_title, length, self.max_pdu)
+        with suppress(OSError):
+            if self.socket is not None:
+                self.socket.sendall(_abort(6))
 
     def _shutdown_socket(self) -> None:
         # pynetdicom's skips close() when shutdown() fails (a peer already gone), leaving the descriptor

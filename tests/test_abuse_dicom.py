@@ -152,6 +152,9 @@ def test_a_pdu_declaring_4_gib_is_refused_before_it_is_read(site: Site) -> None:
     grown = rss(proc.pid)["VmHWM"] - before
     assert grown < 50 * MB, f"RSS grew by {grown / MB:.0f} MB"
     assert echoscu(port).returncode == 0
+    # An attack is a warning for the operator, not an ERROR (pynetdicom logged one for a PDU cut short).
+    assert "over dicom.max_pdu_mb" in site.service_log()
+    assert [line for line in site.service_log().splitlines() if " ERROR " in line] == []
 
 
 def _encode(ds: Dataset) -> bytes:
@@ -240,8 +243,20 @@ def test_a_deflate_bomb_over_the_limit_is_refused_and_never_stored(site: Site, b
 
 
 @pytest.mark.usefixtures("chunked_send")
+def test_the_default_limits_refuse_a_deflate_bomb_by_its_ratio(site: Site, bomb: Path, tmp_path: Path) -> None:
+    proc, port = start(site)  # dicom.max_instance_mb 2048 would take 1 GiB; 1,000 times its size is a bomb
+    before = rss(proc.pid)["VmRSS"]
+    assert store(port, bomb, deflated_ct(tmp_path)) == [OUT_OF_RESOURCES, 0x0000]
+    grown = rss(proc.pid)["VmHWM"] - before
+    assert grown < 200 * MB, f"RSS grew by {grown / MB:.0f} MB"
+    assert len(staged_instances(site)) == 1, "the ordinary slice only"
+    assert "dicom.max_deflate_ratio" in site.service_log()
+
+
+@pytest.mark.usefixtures("chunked_send")
 def test_a_deflated_instance_under_the_limit_is_read_in_flat_memory(site: Site, bomb: Path) -> None:
-    proc, port = start(site)  # dicom.max_instance_mb 2048: 1 GiB inflated is allowed, never held
+    # Both limits raised: 1 GiB inflated is allowed, and inflated in steps, never held.
+    proc, port = start(site, max_deflate_ratio=2000)
     before = rss(proc.pid)["VmRSS"]
     assert store(port, bomb) == [0x0000]
     grown = rss(proc.pid)["VmHWM"] - before
