@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -88,6 +89,7 @@ class Service:
         from .worker import Worker  # the CLI loads configs through this module without needing the worker
 
         os.umask(cfg.permissions.umask)  # patient data and the index: the service account's alone by default
+        _raise_descriptor_limit()
         for warning in exposure_warnings(cfg):
             log.warning("service: %s", warning)
         index = Index(cfg.database)
@@ -189,6 +191,23 @@ class Service:
 
 
 app = Service()
+
+
+def _raise_descriptor_limit() -> None:
+    """Take the hard limit on open files as the soft one (1,024 by default on many systems).
+
+    Each connection a door's guard holds while it waits for a request costs a descriptor; at the limit the
+    guard pauses accepting, for everyone. The hard limit is the operator's to set (systemd's LimitNOFILE).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("service: open files stay limited to %d (%s)", soft, exc)
+            return
+    log.debug("service: up to %s open files", wanted)
 
 
 def exposure_warnings(cfg: Config) -> list[str]:

@@ -7,6 +7,7 @@ the ready file and the service log, never by mocks of our own components.
 from __future__ import annotations
 
 import collections
+import resource
 import socket
 import subprocess
 import sys
@@ -232,3 +233,23 @@ def test_two_services_on_one_config_each_job_runs_once_and_each_result_arrives_o
         assert second.poll() is None
     finally:
         destination.close()
+
+
+def test_the_service_takes_the_hard_limit_on_open_files(site: Site) -> None:
+    # A guard holds each waiting connection as a descriptor: 1,024 (a common soft default) is soon reached.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4096 if hard == resource.RLIM_INFINITY or hard > 4096 else hard
+    assert want > 256, "the machine's own hard limit is too low to test this"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, want))
+
+    with open(site.root / "service-limits.log", "wb") as log:
+        proc = subprocess.Popen([*site.cli_argv(), "manage", "run"], stdout=log, stderr=subprocess.STDOUT,
+                                env=site.env, preexec_fn=low_soft_limit)
+    site.procs.append(proc)
+    wait_for(lambda: site.ready_file(proc).is_file() or proc.poll() is not None, 30, what="the service to be ready")
+    limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    [line] = [ln for ln in limits.splitlines() if ln.startswith("Max open files")]
+    assert line.split()[3:5] == [str(want), str(want)], line
+    assert site.stop(proc) == 0
