@@ -49,15 +49,18 @@ class Limits:
     ``timeout`` is the seconds a connection has, from its accept (or from being handed back idle, an HTTP
     keep-alive), to make its TLS handshake and send its whole opening; ``max_bytes`` is how long that
     opening may be; ``max_per_address`` is how many connections one address may have open at once, held
-    here or already handed on.
+    here or already handed on; ``max_waiting`` is how many may wait here for their opening at once, from
+    all addresses: past it the one waiting longest is closed, so that many addresses (a botnet, an IPv6
+    block) cannot fill the descriptors with silent connections and stop the door accepting at all.
     """
 
     timeout: float
     max_bytes: int
     max_per_address: int
+    max_waiting: int = 1024
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0 or self.max_bytes <= 0 or self.max_per_address <= 0:
+        if self.timeout <= 0 or self.max_bytes <= 0 or self.max_per_address <= 0 or self.max_waiting <= 0:
             raise ValueError(f"guard limits must be positive, not {self}")
 
 
@@ -283,12 +286,24 @@ class Guard:
                 _close(sock)
                 self._release(host)
                 continue
+            if len(self._pending) >= self.limits.max_waiting:
+                self._evict_oldest()
             self._open[key] = (weakref.ref(sock), host, id(sock))
             self._key_of[id(sock)] = key
             p = _Pending(sock, peer, key, time.monotonic() + self.limits.timeout, handshaking=handshaking)
             self._wait_for(p)
             if handshaking:
                 self._advance(p)  # a ClientHello may be there already
+
+    def _evict_oldest(self) -> None:
+        """Close the connection that has waited longest for its opening (the earliest deadline)."""
+        oldest = min(self._pending.values(), key=lambda q: q.deadline)
+        if self._throttle.due("evicted"):
+            log.warning("%s: %d connections wait for their request at once (the limit); the oldest, from %s, "
+                        "is closed for a new one", self.door, len(self._pending), oldest.host)
+        if not oldest.handshaking:
+            self._answer(oldest, self.late(oldest.data))
+        self._drop(oldest)
 
     def _wait_for(self, p: _Pending) -> None:
         self._pending[p.sock.fileno()] = p

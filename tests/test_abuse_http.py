@@ -378,3 +378,28 @@ def test_the_guard_makes_tls_handshakes_itself_under_the_deadline(tmp_path: Path
         thread.join()
         guard.close()
         listener.close()
+
+
+def test_silent_connections_from_many_addresses_cannot_fill_the_guard(sockets: list[socket.socket]) -> None:
+    # Each address under its own cap, but together past max_waiting: the longest-waiting are closed, so a
+    # new client is still taken and served.
+    listener = socket.create_server(("127.0.0.1", 0))
+    guard = _LineGuard(listener, Limits(timeout=60, max_bytes=1024, max_per_address=4, max_waiting=10))
+    thread = threading.Thread(target=guard.run, name="guard")
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        silent = [connect(port, f"127.0.1.{n}") for n in range(1, 31) for _ in range(2)]  # 60 from 30 addresses
+        sockets += silent
+        wait_for(lambda: sum(is_open(s) for s in silent) <= 10, 5, what="all but the 10 newest closed")
+        assert all(is_open(s) for s in silent[-10:]), "the newest are the ones kept"
+        with connect(port, "127.0.0.1") as client:
+            client.sendall(b"hello\n")
+            wait_for(lambda: guard.handed, 5, what="the new client to be handed on")
+        assert guard.handed[0][1] == b"hello\n"
+        guard.handed[0][0].close()
+    finally:
+        guard.stop()
+        thread.join()
+        guard.close()
+        listener.close()
