@@ -231,7 +231,8 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
 
     @route("/api/status/<job_id>")
     def status(job_id: str) -> Any:
-        return json_response(store.runs.status(current_key(), job_id))
+        wait = _wait_ms(bottle.request.query.get("wait"), config.http.status_wait_ms)
+        return json_response(store.runs.status(current_key(), job_id, wait=wait / 1000))
 
     def error_page(err: bottle.HTTPError) -> str:
         if err.status_code >= 500:
@@ -247,6 +248,16 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
         app.error(code)(error_page)
     app.config["postbox.datasets"] = store
     return app
+
+
+def _wait_ms(value: str | None, most: int) -> int:
+    """A status request's ``wait`` in milliseconds: ``most`` (``http.status_wait_ms``) when not given, and never
+    more; 0 answers at once. Anything but a whole number is refused (400)."""
+    if value is None or value == "":
+        return most
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidInput(f"'wait' must be a whole number of milliseconds (0: answer at once), not '{value[:20]}'")
+    return min(int(value), most)
 
 
 def _path_id(value: str, what: str) -> int:

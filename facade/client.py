@@ -2,7 +2,8 @@
 
 Differences from PlatiPy's client, each a fix: errors raise :class:`ClientError` with the server's message
 instead of returning None or being logged; a run that fails raises :class:`AlgorithmFailed` instead of
-ending quietly; status is polled from 20 ms up (PlatiPy sleeps a fixed second); uploads are streamed from
+ending quietly; the status request waits on the server for the run to end (PlatiPy sleeps a fixed second
+between polls; against a server that answers at once, status is polled from 20 ms up); uploads are streamed from
 disk instead of built in memory; downloads go to a temporary name and are renamed when whole; uploads and
 downloads show a progress bar when stderr is a terminal. It needs only ``requests`` and ``tqdm``.
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 __all__ = ["AlgorithmFailed", "Client", "ClientError"]
 
 Ref = dict[str, Any] | int | str  # a record as returned by the server, or its id
+# An unfinished status answered faster than this was not held for the run (a server that does not wait, or
+# one whose waiters are all busy): the client then waits between polls itself.
+_HELD = 0.1
 
 
 class ClientError(Exception):
@@ -327,11 +331,14 @@ class Client:
                 return dict(algorithm["default_settings"])
         raise ClientError(f"the server no longer has algorithm '{self.algorithm_name}'", 404)
 
-    def run_algorithm(self, dataset: Ref, config: dict[str, Any] | None = None, *,
+    def run_algorithm(self, dataset: Ref, config: dict[str, Any] | None = None, *, wait: bool = True,
                       poll: float = 0.02, max_poll: float = 1.0) -> Iterator[dict[str, Any]]:
         """Run the algorithm on the dataset and yield its status each time it changes, the final one included.
 
-        Polls ``poll`` seconds after the trigger, then after half as long again each time, up to ``max_poll``.
+        With ``wait``, each status request is held by the server until the run ends (or ``http.status_wait_ms``
+        pass) and the next one follows at once. An answer that comes back unfinished at once (``wait=False``,
+        which sends ``?wait=0``, a server that does not wait, or one with all its waiters busy) is followed
+        by the next after ``poll`` seconds, then half as long again each time, up to ``max_poll``.
 
         Raises
         ------
@@ -342,12 +349,15 @@ class Client:
         if config:
             params["config"] = json.dumps(config)
         poll_url = self._json("POST", "/api/trigger", data=params)["poll"]
+        if not wait:
+            poll_url += "?wait=0"
+            time.sleep(poll)  # a job is never done the instant it is triggered: wait one interval first
         last: dict[str, Any] | None = None
-        wait = poll
+        pause = poll
         while True:
-            time.sleep(wait)  # a job is never done the instant it is triggered: wait one interval first
-            wait = min(max_poll, wait * 1.5)
+            start = time.monotonic()
             state = self._json("GET", poll_url)
+            held = time.monotonic() - start >= _HELD
             if state != last:
                 if state.get("state") == "FAILURE":
                     raise AlgorithmFailed(f"{self.algorithm_name} failed: {state.get('status')}", state)
@@ -355,6 +365,9 @@ class Client:
                 last = state
             if state.get("state") in (None, "SUCCESS"):
                 return
+            if not held:  # answered at once, unfinished: the server did not wait, so this side does
+                time.sleep(pause)
+                pause = min(max_poll, pause * 1.5)
 
     def download_output_objects(self, dataset: Ref, output_path: str | os.PathLike[str] = ".") -> list[Path]:
         """Download the outputs of the dataset's latest run into ``output_path``; returns the files written."""

@@ -76,7 +76,10 @@ ROUTES: list[dict[str, Any]] = [
                    404: "unknown algorithm or dataset"}},
     {"method": "GET", "path": "/api/status/{job_id}", "summary": "A run's state",
      "path_params": [("job_id", "string", True, "from the trigger's poll URL")],
-     "responses": {200: "{state: PENDING|RUNNING|SUCCESS|FAILURE, current, total, status}", 404: _E404}},
+     "query": [("wait", "integer", False, "milliseconds a PENDING or RUNNING answer may be held for the job to "
+                "end (default and most: http.status_wait_ms; 0: answer at once)")],
+     "responses": {200: "{state: PENDING|RUNNING|SUCCESS|FAILURE, current, total, status}",
+                   400: "wait is not a whole number", 404: _E404}},
 ]
 
 
@@ -98,6 +101,8 @@ def document(config: Config, version: str) -> dict[str, Any]:
             op["security"] = []
         params = [{"name": n, "in": "path", "required": True, "description": d, "schema": _schema(t)}
                   for n, t, _, d in r.get("path_params", [])]
+        params += [{"name": n, "in": "query", "required": req, "description": d, "schema": _schema(t)}
+                   for n, t, req, d in r.get("query", [])]
         if r.get("form"):
             params += [{"name": n, "in": "query", "required": False, "description": f"or as a form field: {d}",
                         "schema": _schema(t)} for n, t, _, d in r["form"] if t != "binary"]

@@ -5,11 +5,19 @@ A run is a job staged and committed by :func:`pipeline.jobs.submit` (``source: h
 hard-linked from the dataset's folder; ``job.yaml`` names its owner ``key-<id>`` (:attr:`ApiKey.tag`). Its
 outputs are read from its folder in the outbox (the folders are the truth) and recorded once, when first
 seen, so they keep stable ids.
+
+A status request may wait for its job (issue 10): PlatiPy's client polls once right after the trigger, then
+sleeps a fixed second, so an answer that holds a PENDING or RUNNING state until the job ends, or
+``http.status_wait_ms`` pass, saves its user that second. The worker of this service wakes the waiters as it
+finishes a job (:meth:`Runs.job_finished`); a job another service on the same inbox finishes, or one that
+fails (the worker tells only of jobs done), is seen by reading it again every ``RECHECK_SECONDS``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,12 @@ from .records import Records, record_id
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runs"]
+__all__ = ["RECHECK_SECONDS", "Runs"]
+
+# How often a waiting status request reads its job again: the wake-up covers only jobs this service's worker
+# finishes well; a failure, or a job another service on the same inbox finishes, is seen by reading again.
+RECHECK_SECONDS = 0.15
+_UNDERWAY = ("PENDING", "RUNNING")
 
 
 def may_see_job(key: ApiKey, manifest: jobs.JobManifest) -> bool:
@@ -51,6 +64,12 @@ class Runs:
         self.config = config
         self.index = index
         self.records = records
+        # Each waiting status request holds a server thread: at most max_waiters, and never every thread.
+        self.max_waiters = min(config.http.max_waiters, config.http.threads - 1)
+        self._finished = threading.Condition()  # notified each time this service's worker finishes a job
+        self._generation = 0  # jobs finished so far, under _finished: a waiter that sees it change looks again
+        self._waiters = 0
+        self._closed = False
 
     def trigger(self, key: ApiKey, fields: Mapping[str, str], sender: dict[str, Any]) -> str:
         """Turn one of the key's datasets into a job in the inbox (the same stage-then-rename as every door)."""
@@ -85,8 +104,65 @@ class Runs:
         log.info("dataset %d: job %s triggered (%s)", ds["id"], manifest.id, alg.name)
         return manifest.id
 
-    def status(self, key: ApiKey, job_id: str) -> dict[str, Any]:
-        """PlatiPy's task status of a job the key may see; a failure's error never names a server path."""
+    def status(self, key: ApiKey, job_id: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """PlatiPy's task status of a job the key may see; a failure's error never names a server path.
+
+        Parameters
+        ----------
+        key
+            The request's key.
+        job_id
+            The job, from the trigger's poll URL.
+        wait
+            Seconds a PENDING or RUNNING answer may be held for the job to end: the answer comes as soon as it
+            does. It is given at once when ``max_waiters`` requests wait already, or the door is stopping.
+
+        Raises
+        ------
+        NotFound
+            No such job, or not the key's.
+        """
+        with self._finished:
+            seen = self._generation  # before the read: a job finished after it changes the generation
+        answer = self._read_status(key, job_id)
+        if wait <= 0 or answer["state"] not in _UNDERWAY or not self._take_slot():
+            return answer
+        try:
+            deadline = time.monotonic() + wait
+            while answer["state"] in _UNDERWAY and (left := deadline - time.monotonic()) > 0:
+                with self._finished:
+                    if self._generation == seen and not self._closed:  # else a job ended since: read again
+                        self._finished.wait(min(left, RECHECK_SECONDS))
+                    seen, closed = self._generation, self._closed
+                answer = self._read_status(key, job_id)
+                if closed:
+                    break
+        finally:
+            with self._finished:
+                self._waiters -= 1
+        return answer
+
+    @property
+    def waiting(self) -> int:
+        """How many status requests wait for their job now."""
+        with self._finished:
+            return self._waiters
+
+    def _take_slot(self) -> bool:
+        """Count one more waiting request, if fewer than ``max_waiters`` wait and the door is not stopping."""
+        with self._finished:
+            if self._closed or self._waiters >= self.max_waiters:
+                return False
+            self._waiters += 1
+            return True
+
+    def close(self) -> None:
+        """The door is stopping: waiting status requests answer now, and new ones at once."""
+        with self._finished:
+            self._closed = True
+            self._finished.notify_all()
+
+    def _read_status(self, key: ApiKey, job_id: str) -> dict[str, Any]:
         for _ in range(3):  # the job may move to the outbox while it is looked for or read: look again
             job_dir = jobs.locate(self.config.inbox, self.config.outbox, job_id)
             if job_dir is None:
@@ -110,12 +186,18 @@ class Runs:
         raise NotFound(f"job {job_id}")
 
     def job_finished(self, manifest: jobs.JobManifest) -> None:
-        """The worker's hook: record a dataset run's outputs now, off the client's next request."""
-        if manifest.dataset is None or manifest.status != jobs.JobStatus.DONE:
-            return
-        found = self.index.find("datasets", id=record_id(manifest.dataset, "dataset"))
-        if found and found[0].get("last_job") == manifest.id:
-            self.record_outputs(found[0], self.index.find("dataobjects", dataset=found[0]["id"]), manifest)
+        """The worker's hook: record a dataset run's outputs now, off the client's next request, then wake
+        the status requests waiting (outputs first, so that the client's next read lists them)."""
+        try:
+            if manifest.dataset is None or manifest.status != jobs.JobStatus.DONE:
+                return
+            found = self.index.find("datasets", id=record_id(manifest.dataset, "dataset"))
+            if found and found[0].get("last_job") == manifest.id:
+                self.record_outputs(found[0], self.index.find("dataobjects", dataset=found[0]["id"]), manifest)
+        finally:
+            with self._finished:
+                self._generation += 1
+                self._finished.notify_all()
 
     def record_outputs(self, ds: dict[str, Any], objects: list[dict[str, Any]],
                        manifest: jobs.JobManifest | None = None) -> list[dict[str, Any]]:

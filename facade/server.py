@@ -360,6 +360,7 @@ class HttpServer:
     def stop(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self.datasets.runs.close()  # waiting status requests answer now: cheroot waits for its threads
         self.server.stop()
         self.datasets.stop(timeout)
         for t in self._threads:
@@ -370,7 +371,8 @@ class HttpServer:
         """Nothing: this door serves from its start."""
 
     def on_job_finished(self, manifest: JobManifest) -> None:
-        """A run's outputs become its dataset's data objects as it finishes, not on the client's next read."""
+        """A run's outputs become its dataset's data objects as it finishes, not on the client's next read;
+        status requests waiting for a job are woken (issue 10)."""
         self.datasets.job_finished(manifest)
 
     def attach_series(self, series_uid: str, folder: Path, sender: dict[str, Any]) -> bool:

@@ -143,6 +143,11 @@ class HttpConfig:
     line and headers (408), which may be ``max_header_kb`` long (431), and one address may have
     ``max_connections_per_address`` connections open at once: fewer than ``threads``, so that one address
     cannot occupy every thread with requests whose bodies it sends slowly.
+
+    A status request holds a PENDING or RUNNING answer up to ``status_wait_ms`` and answers as soon as the
+    job ends (issue 10: PlatiPy's client polls once, then sleeps a second). Each waiting request holds a
+    thread, so at most ``max_waiters`` wait at once (and never all of ``threads``); beyond that a status
+    request answers at once. 0 for either turns the wait off.
     """
 
     host: str = field(default="127.0.0.1", metadata=_t(str))
@@ -161,8 +166,12 @@ class HttpConfig:
     header_timeout: float = field(default=10.0, metadata=_t(float))
     max_header_kb: float = field(default=64.0, metadata=_t(float))
     max_connections_per_address: int = field(default=12, metadata=_t(int))
+    status_wait_ms: int = field(default=900, metadata=_t(int))
+    max_waiters: int = field(default=8, metadata=_t(int))
 
     def __post_init__(self) -> None:
+        _positive("http.status_wait_ms", self.status_wait_ms, zero=True)
+        _positive("http.max_waiters", self.max_waiters, zero=True)
         _positive("http.header_timeout", self.header_timeout)
         _positive("http.max_header_kb", self.max_header_kb)
         _positive("http.max_connections_per_address", self.max_connections_per_address)

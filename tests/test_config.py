@@ -53,6 +53,8 @@ from pipeline.errors import ConfigError
      "http.allowed_locations[0].tls.ca", "cannot read missing.pem"),
     ({"http": {"max_datasets_per_key": 0}}, "http.max_datasets_per_key", "must be > 0"),
     ({"http": {"max_stored_mb_per_key": -1}}, "http.max_stored_mb_per_key", "must be > 0"),
+    ({"http": {"status_wait_ms": -1}}, "http.status_wait_ms", "must be >= 0"),
+    ({"http": {"max_waiters": 2.5}}, "http.max_waiters", "must be of type int"),
     ({"inbox": "blocker/inbox"}, "inbox", "cannot create folder"),
 ])
 def test_invalid_config_exits_2_naming_the_key(site: Site, change: dict, key: str, problem: str) -> None:
@@ -94,6 +96,7 @@ def test_defaults_are_embedded_and_paths_resolve_against_the_config_folder(tmp_p
     assert cfg.algorithm("body-lungs") is not None
     assert cfg.worker.keep_warm is True
     assert (cfg.http.port, cfg.dicom.ae_title, cfg.dicom.port) == (8000, "POSTBOX", 7777)
+    assert (cfg.http.status_wait_ms, cfg.http.max_waiters, cfg.http.threads) == (900, 8, 16)
 
 
 def test_allowed_locations_match_addresses_blocks_and_names_never_resolved(tmp_path: Path) -> None:

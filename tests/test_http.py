@@ -362,8 +362,8 @@ def test_pending_then_running_states(srv: HttpSite) -> None:
     alice.upload(ds, "in.txt", b"x")
     poll = alice.ok("POST", "/api/trigger", data={"dataset": ds, "algorithm": "slow",
                                                   "config": '{"seconds": 0.6}'})["poll"]
-    seen = set()
-    wait_for(lambda: seen.add(alice.ok("GET", poll)["state"]) or "SUCCESS" in seen, 30)
+    seen = set()  # ?wait=0: each answer at once, so that the states on the way are seen (issue 10)
+    wait_for(lambda: seen.add(alice.ok("GET", f"{poll}?wait=0")["state"]) or "SUCCESS" in seen, 30)
     assert "RUNNING" in seen and seen <= {"PENDING", "RUNNING", "SUCCESS"}
     running = {"state": "RUNNING", "current": 0, "total": 1, "status": "Running Algorithm: slow"}
     assert set(running) <= set(alice.ok("GET", poll))
