@@ -344,6 +344,7 @@ class DicomConfig:
     destinations: dict = field(default_factory=dict, metadata=_t(dict))
     send_retry_seconds: float = field(default=3600.0, metadata=_t(float))
     send_backoff_max: float = field(default=60.0, metadata=_t(float))
+    send_early: bool = field(default=True, metadata=_t(bool))
     max_associations: int = field(default=10, metadata=_t(int))
     tls: Any = field(default=None, metadata=_t(dict, nullable=True))
     associate_timeout: float = field(default=10.0, metadata=_t(float))

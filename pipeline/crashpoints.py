@@ -25,6 +25,10 @@ POINTS: dict[str, str] = {
     "adopt.moved": "a hand-dropped item is in a staging folder; no job.yaml yet",
     "claim": "the job's lock is held and its job.yaml read; nothing written yet",
     "start_attempt": "the attempt is counted in job.yaml; the algorithm has not started",
+    "outputs.written": "a job's RTSTRUCT and SEG are written in its work/ folder, and may have been sent to "
+                       "its destinations; job.yaml says running and names no early send",
+    "send.early_recorded": "what a running job's destinations stored is in job.yaml (early_sent); it is "
+                           "still running",
     "finish.manifest": "the job's outcome is in job.yaml; the folder is still in the inbox",
     "finish.moved": "the job is in the outbox; the index does not know yet",
     "requeue": "a running job given back: job.yaml says pending again, the lock is still held",
@@ -55,3 +59,19 @@ def crash_point(name: str) -> None:
         if _passes < int(_nth or 1):
             return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+DELAY_ENV = "POSTBOX_DELAY_AT"
+#: Steps a test may slow down, to see what goes on meanwhile (issue 10: a slow SEG).
+DELAYS = {"seg": "writing a job's SEG, in its thread, before it starts"}
+_delays = dict(item.partition("=")[::2] for item in (os.environ.get(DELAY_ENV) or "").split(",") if item)
+
+
+def delay_point(name: str) -> None:
+    """Wait here if the tests asked (``POSTBOX_DELAY_AT=seg=2.5``); otherwise (always, in production) nothing."""
+    if not _delays:
+        return
+    if name not in DELAYS:
+        raise ValueError(f"delay point {name!r} is not in crashpoints.DELAYS")
+    if name in _delays:
+        threading.Event().wait(float(_delays[name]))  # the test's slow step itself

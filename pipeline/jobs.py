@@ -220,6 +220,8 @@ class JobManifest:
     Paths of inputs and outputs are relative to the job folder, so a job stays whole when it moves.
     ``refused`` is a reason found at the door that fails the job without running it (a hand drop with
     an unreadable job.yaml of its own); ``checks`` the check-back Dice per input and structure.
+    ``early_sent`` names, per destination, the outputs stored there while the job ran (SOP Instance UID
+    to file name), recorded before the finish so that a run again after a crash does not send them again.
     """
 
     id: str
@@ -243,6 +245,7 @@ class JobManifest:
     delivery: Delivery = field(default_factory=Delivery)
     sends: dict[str, SendState] = field(default_factory=dict)
     checks: dict[str, dict[str, float]] = field(default_factory=dict)
+    early_sent: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _JOB_ID.match(self.id):
@@ -266,6 +269,8 @@ class JobManifest:
         self.timings = {str(k): float(v) for k, v in _mapping(f"job {self.id}: timings", self.timings).items()}
         self.sender = _mapping(f"job {self.id}: sender", self.sender)
         self.checks = _mapping(f"job {self.id}: checks", self.checks)
+        self.early_sent = {str(k): {str(u): str(n) for u, n in _mapping(f"job {self.id}: early_sent", v).items()}
+                           for k, v in _mapping(f"job {self.id}: early_sent", self.early_sent).items()}
 
     @property
     def sending(self) -> bool:
@@ -906,6 +911,11 @@ def requeue(claim: Claim, reason: str) -> None:
     _save(claim)
     crash_point("requeue")
     _record(claim.index, m, "inbox")
+
+
+def save_running(claim: Claim) -> None:
+    """Write a running job's manifest as it is now, durably (what it has sent before its finish)."""
+    _save(claim)
 
 
 def _save(claim: Claim, *, durable: bool = True) -> None:

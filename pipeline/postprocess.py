@@ -8,7 +8,8 @@ are kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,48 @@ def mask_name(obj: DataObject) -> str:
     return base
 
 
+#: job.yaml's ``timings`` key of each step that writes the DICOM outputs (``writers.outputs.STEPS``), in
+#: seconds, summed over the job's series (issue 10: where the time goes after the algorithm's end).
+TIMINGS = {"read": "dicom_read_seconds", "rtstruct": "rtstruct_seconds", "check": "check_seconds",
+           "seg": "seg_seconds"}
+
+
+@dataclass
+class AddedOutputs:
+    """What :func:`add_dicom_outputs` returns.
+
+    Parameters
+    ----------
+    outputs
+        The algorithm's outputs, then the DICOM ones written.
+    checks
+        Check-back Dice per input series and structure.
+    timings
+        Seconds each step took, under its job.yaml ``timings`` key (:data:`TIMINGS`); empty if none ran.
+    """
+
+    outputs: list[DataObject]
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: list[DataObject],
-                      work_dir: Path, *, structures: Mapping[str, Any] | None = None,
-                      log_line: Any = None) -> tuple[list[DataObject], dict[str, dict[str, float]]]:
+                      work_dir: Path, *, job_id: str | None = None, structures: Mapping[str, Any] | None = None,
+                      log_line: Any = None, on_written: Callable[[Path], None] | None = None) -> AddedOutputs:
     """Append RTSTRUCT/SEG data objects for each DICOM input whose outputs include masks.
 
-    Returns the outputs (the algorithm's, then the DICOM ones) and the check-back Dice per input and
-    structure. Raises InvalidInput (from the writers) when masks cannot go on the series or the check fails.
+    With ``job_id``, each file's UIDs derive from it and the series' id, so that a rerun of the job writes
+    (and sends) the same instances again (issue 10). ``on_written`` is called with each file as soon as it
+    is final: the RTSTRUCT once checked, the SEG once the RTSTRUCT's check has passed. Raises InvalidInput
+    (from the writers) when masks cannot go on the series or the check fails.
     """
     if not alg.outputs or not any(d.type == "DICOM" for d in inputs):
-        return outputs, {}
+        return AddedOutputs(outputs)
     from .writers.outputs import write_dicom_outputs  # pydicom/highdicom/cv2: only for DICOM jobs
 
     added: list[DataObject] = []
     checks: dict[str, dict[str, float]] = {}
+    timings: dict[str, float] = {}
     for series in (d for d in inputs if d.type == "DICOM"):
         masks = {mask_name(o): Path(o.path) for o in _masks(outputs) if o.parent and o.parent.id == series.id}
         if not masks and len([d for d in inputs if d.type == "DICOM"]) == 1:
@@ -56,8 +85,11 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
         result = write_dicom_outputs(
             Path(series.path), masks, work_dir / f"dicom-{series.id}", kinds=tuple(alg.outputs),
             structures={**alg.structures, **(structures or {})}, min_dice=alg.min_dice, algorithm_name=alg.name,
+            uid_seed=f"{job_id}/{series.id}" if job_id else None, on_written=on_written,
         )
         checks[str(series.id)] = result.check
+        for step, seconds in result.seconds.items():
+            timings[TIMINGS[step]] = timings.get(TIMINGS[step], 0.0) + seconds
         if log_line is not None:
             log_line(f"DICOM outputs for {series.id}: {', '.join(f.name for f in result.files)}; check-back Dice "
                      + (", ".join(f"{k} {v:.4f}" for k, v in result.check.items()) or "not run")
@@ -66,7 +98,7 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
             kind = "rtstruct" if path.name.startswith("rtstruct") else "seg"
             added.append(DataObject(type="DICOM", path=str(path), parent=series,
                                     meta_data={"kind": kind, "name": f"{series.id}-{path.name}"}))
-    return outputs + added, checks
+    return AddedOutputs(outputs + added, checks, timings)
 
 
 def _masks(outputs: list[DataObject]) -> list[DataObject]:

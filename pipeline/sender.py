@@ -27,6 +27,12 @@ from .tls import TlsFiles
 log = logging.getLogger(__name__)
 
 _OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings meaning stored
+#: job.yaml's ``timings`` key for a destination's send: seconds from the job's finish to the destination's
+#: last file stored (issue 10), written with the send state once every file is there.
+SEND_TIMING = "send_seconds.{}"
+#: ... and from the algorithm's end to the destination's last file stored, sent early or by the sender: the
+#: wait a user at the destination feels (issue 10's target: 1 s).
+RESULTS_TIMING = "results_seconds.{}"
 
 
 class SendFailed(PostboxError):
@@ -47,6 +53,22 @@ def _tls_for(cfg: Config, dest: Destination, *, from_http: bool) -> TlsFiles | N
     if from_http:
         return cfg.location_tls(dest.host)
     return dest.tls.files(cfg.base_dir) if dest.tls is not None else None
+
+
+def resolve_destination(cfg: Config, name: str, target: dict[str, Any] | None
+                        ) -> tuple[Destination | None, TlsFiles | None, str | None]:
+    """Where a job's send goes: the destination, its TLS, or None and the reason it cannot go now.
+
+    ``target`` is an HTTP-made location's (host, port, AE title); None names ``dicom.destinations.NAME``.
+    """
+    dest = cfg.dicom.destinations.get(name) if target is None else Destination(**target)
+    if dest is None:
+        return None, None, f"destination '{name}' is not in dicom.destinations"
+    if target is not None and not cfg.http.allows_location(
+            dest.host, destinations=[d.host for d in cfg.dicom.destinations.values()]):
+        # A location made over HTTP: the operator may have taken its host off the list since.
+        return None, None, f"host {dest.host} is no longer on http.allowed_locations"
+    return dest, _tls_for(cfg, dest, from_http=target is not None), None
 
 
 def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout: float = 30,
@@ -220,22 +242,15 @@ class Sender:
         state = manifest.sends.get(name)
         if state is None or state.status != jobs.SendStatus.PENDING:
             return
-        dest = cfg.dicom.destinations.get(name) if state.target is None else Destination(**state.target)
+        dest, tls, error = resolve_destination(cfg, name, state.target)
         missing = state.missing
-        error: str | None = None
         stored: list[str] = []
-        if dest is None:
-            error = f"destination '{name}' is not in dicom.destinations"
-        elif state.target is not None and not cfg.http.allows_location(
-                dest.host, destinations=[d.host for d in cfg.dicom.destinations.values()]):
-            # A location made over HTTP: the operator may have taken its host off the list since.
-            error = f"host {dest.host} is no longer on http.allowed_locations"
-        elif missing:
+        stored_at = 0.0  # when the destination had stored every file (epoch): this attempt's success
+        if dest is not None and missing:
             try:
                 send_files(dest, [job_dir / f for f in missing], calling_ae=cfg.dicom.ae_title,
-                           on_association=self._set_assoc,
-                           tls=_tls_for(cfg, dest, from_http=state.target is not None))
-                stored = missing
+                           on_association=self._set_assoc, tls=tls)
+                stored, stored_at = missing, time.time()
             except SendFailed as exc:
                 error = exc.reason
                 stored = [p.relative_to(job_dir).as_posix() for p in exc.stored]
@@ -259,6 +274,10 @@ class Sender:
             s.attempts += 1
             if not s.missing:
                 s.status, s.sent, s.error = jobs.SendStatus.SENT, when, None
+                if stored and "finished" in m.timings:
+                    m.timings[SEND_TIMING.format(name)] = stored_at - m.timings["finished"]
+                if stored and "algorithm_ended" in m.timings:
+                    m.timings[RESULTS_TIMING.format(name)] = stored_at - m.timings["algorithm_ended"]
                 return
             s.error = error
             elapsed = time.time() - m.timings.get("finished", time.time())

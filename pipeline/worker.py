@@ -19,15 +19,22 @@ from typing import Any
 from . import gate, jobs
 from .algorithms import merge_settings, resolve
 from .config import AlgorithmConfig, Config
+from .crashpoints import crash_point
 from .dataobject import DataObject
+from .early_send import EarlySend
 from .errors import AlgorithmFailed, ClaimLost, DamagedManifest, InvalidInput, UnknownAlgorithm
 from .health import DISK_FULL, Health, Throttle, free_bytes, is_disk_full
 from .index import Index
 from .postprocess import add_dicom_outputs
 from .runner import ChildPool, PoolClosed, run_command, run_python
+from .sender import RESULTS_TIMING
 from .watcher import watch
 
 log = logging.getLogger(__name__)
+
+#: Seconds the worker waits, after the SEG is written, for the early sends to end before it finishes the
+#: job; what has not gone by then is sent by the sender after the finish.
+EARLY_SEND_WAIT = 10.0
 
 
 class _Stopping(Exception):
@@ -264,6 +271,14 @@ class Worker:
         finally:
             if capacity:
                 capacity.release()
+            if claim.manifest.status in (jobs.JobStatus.DONE, jobs.JobStatus.FAILED):
+                # Every job that ends, done or failed (its waiting status requests, its sends), however it
+                # ended: also one finished or failed by recovery.
+                for hook in self.finished_hooks:
+                    try:
+                        hook(claim.manifest)
+                    except Exception:
+                        log.exception("job %s: a finished-job hook failed", job_id)
             claim.release()
             with self._lock:
                 self._running.pop(job_id, None)
@@ -287,16 +302,29 @@ class Worker:
         jobs.start_attempt(claim, counted=claim.job_id not in self._uncounted)
         self._uncounted.discard(claim.job_id)
         log.info("job %s: started %s (attempt %d)", claim.job_id, alg.name, m.attempts)
+        early: EarlySend | None = None
         try:
             outputs, timings = self._execute(claim, alg, settings)
             m.timings.update(timings)
-            outputs, m.checks = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir,
-                                                  structures=m.delivery.structures,
-                                                  log_line=lambda line: jobs.append_log(claim, line))
-            records = jobs.collect_outputs(claim, outputs)
+            early = self._early_send(claim, alg)
+            added = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir, job_id=claim.job_id,
+                                      structures=m.delivery.structures,
+                                      log_line=lambda line: jobs.append_log(claim, line),
+                                      on_written=early.offer if early is not None else None)
+            m.checks = added.checks
+            m.timings.update(added.timings)
+            # Issue 10: a rerun from here must write the same instances (their UIDs derive from the job id).
+            crash_point("outputs.written")
+            stored: dict[str, dict[str, str]] = {}
+            if early is not None:
+                stored = early.close(EARLY_SEND_WAIT, self._stop)
+                self._record_early(claim, stored)
+                crash_point("send.early_recorded")
+            records = jobs.collect_outputs(claim, added.outputs)
             if m.delivery.destinations:
                 if any(r.type == "DICOM" for r in records):
                     m.sends = m.delivery.plan(records)
+                    _mark_sent_early(m, [o.path for o in added.outputs], records, stored, early)
                 else:
                     m.warnings.append("destinations are set but the job has no DICOM outputs to send")
         except (AlgorithmFailed, InvalidInput) as exc:
@@ -306,14 +334,35 @@ class Worker:
             log.warning("job %s: failed: %s", claim.job_id, reason)
             jobs.fail(claim, cfg.outbox, reason)
             return
+        finally:
+            if early is not None:
+                early.close(0.0)  # a failure on the way: whatever still runs is aborted (a no-op once closed)
         jobs.finish(claim, cfg.outbox, records)
         self._disk_ok()
-        for hook in self.finished_hooks:
-            try:
-                hook(m)
-            except Exception:
-                log.exception("job %s: a finished-job hook failed", claim.job_id)
         log.info("job %s: done in %.2f s", claim.job_id, m.timings["finished"] - m.timings["claimed"])
+
+    def _early_send(self, claim: jobs.Claim, alg: AlgorithmConfig) -> EarlySend | None:
+        """Sends to the job's destinations that start as each DICOM output is written (issue 10), if any."""
+        m = claim.manifest
+        if not (m.delivery.destinations and alg.outputs and self.config.dicom.enabled
+                and self.config.dicom.send_early and any(i.type == "DICOM" for i in m.inputs)):
+            return None
+        series = next((i.meta_data.get("series_instance_uid") for i in m.inputs if i.type == "DICOM"), None)
+        return EarlySend(self.config, claim.job_id,
+                         {m.delivery.name_of(d): None if isinstance(d, str) else dict(d)
+                          for d in m.delivery.destinations},
+                         already={name: list(uids) for name, uids in m.early_sent.items()},
+                         dataset=m.dataset, series_uid=series)
+
+    def _record_early(self, claim: jobs.Claim, stored: dict[str, dict[str, str]]) -> None:
+        """Write down, before the job's finish, what its destinations have stored (SOP Instance UIDs)."""
+        m = claim.manifest
+        work = claim.work_dir.resolve()
+        recorded = {name: {uid: Path(path).resolve().relative_to(work).as_posix() for uid, path in uids.items()}
+                    for name, uids in stored.items() if uids}
+        if recorded and recorded != m.early_sent:
+            m.early_sent = recorded
+            jobs.save_running(claim)
 
     def _relative(self, claim: jobs.Claim, reason: str) -> str:
         """A failure's reason with the job folder's path made relative to it, and the inbox's and outbox's to
@@ -377,4 +426,21 @@ class Worker:
                 self._uncounted.add(claim.job_id)
                 return
             log.exception("job %s: could not give it back; the next start runs it again", claim.job_id)
+
+
+def _mark_sent_early(m: jobs.JobManifest, sources: list[str], records: list[jobs.OutputRecord],
+                     stored: dict[str, dict[str, str]], early: EarlySend | None) -> None:
+    """Start each destination's send with the files it stored while the job ran (``sources[i]`` is where
+    ``records[i]`` was written); a destination that has them all is sent at the finish."""
+    when = jobs.now_iso()
+    for name, state in m.sends.items():
+        taken = {str(Path(p).resolve()) for p in stored.get(name, {}).values()}
+        for source, record in zip(sources, records, strict=True):
+            if record.path in state.files and str(Path(source).resolve()) in taken:
+                state.files[record.path] = when
+        if state.files and not state.missing:
+            state.status, state.sent = jobs.SendStatus.SENT, when
+            last = early.last_stored(name) if early is not None else 0.0
+            if last and "algorithm_ended" in m.timings:
+                m.timings[RESULTS_TIMING.format(name)] = last - m.timings["algorithm_ended"]
 

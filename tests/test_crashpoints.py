@@ -34,6 +34,8 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "adopt.moved": ("folder",),
     "claim": ("cli",),
     "start_attempt": ("cli",),
+    "outputs.written": ("dicom",),
+    "send.early_recorded": ("dicom",),
     "finish.manifest": ("cli",),
     "finish.moved": ("cli",),
     "requeue": ("cli",),
@@ -105,6 +107,12 @@ def send_series(port: int, files: list[Path]) -> list[str]:
     return acknowledged
 
 
+def file_uids(path: Path) -> tuple[str, str]:
+    """A DICOM file's SOP Instance and Series Instance UIDs."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+
+
 def instances_in_jobs(site: Site) -> collections.Counter[str]:
     found: collections.Counter[str] = collections.Counter()
     for box in (site.inbox, site.outbox):
@@ -149,14 +157,19 @@ def test_kill_at_crash_point_then_restart_ends_each_job_once(site: Site, point: 
                                                              series: list[Path], destination: Destination) -> None:
     site.write_config(worker={"rescan_seconds": 0.5, "settle_seconds": 0.2, "stop_timeout": 5})
     if door == "dicom":
-        routed = point.startswith("send.")
+        routed = point.startswith("send.") or point == "outputs.written"
+        writes = point in ("outputs.written", "send.early_recorded")
         site.write_config(dicom={
             "enabled": True, "host": "127.0.0.1", "port": 0, "series_timeout": 1.0, "incomplete": "run",
             "complete_on_release": True, "send_backoff_max": 0.2,
             "destinations": {"TPS": {"host": "127.0.0.1", "port": destination.port, "ae_title": "TPS"}},
             "routes": [{"algorithm": "noop", "destinations": ["TPS"] if routed else []}],
         })
-        if routed:  # a DICOM output to send: the test algorithm hands its input series back as output
+        if writes:  # masks, from which the pipeline writes an RTSTRUCT and a SEG
+            site.config["algorithms"][0] = {"name": "noop", "function": "testalgos:lungs",
+                                            "outputs": ["rtstruct", "seg"]}
+            site.write_config()
+        elif routed:  # a DICOM output to send: the test algorithm hands its input series back as output
             site.config["algorithms"][0] = {"name": "noop", "function": "testalgos:echo_series"}
             site.write_config()
         _dicom(site, point, series, destination)
@@ -237,6 +250,10 @@ def _dicom(site: Site, point: str, series: list[Path], destination: Destination)
     assert len(acknowledged) == expected, (point, len(acknowledged))
     if point == "stage":
         age_staging(site)
+    written: dict[str, tuple[str, str]] = {}
+    if point in ("outputs.written", "send.early_recorded"):  # the killed attempt's outputs' UIDs
+        written = {p.name: file_uids(p) for p in site.inbox.glob("*/work/dicom-*/*.dcm")}
+        assert sorted(written) == ["rtstruct.dcm", "seg.dcm"], written
     site.start()
     if expected == 0:
         # Nothing was acknowledged: the staged series has no instance and must leave nothing behind.
@@ -247,15 +264,26 @@ def _dicom(site: Site, point: str, series: list[Path], destination: Destination)
     found = instances_in_jobs(site)
     assert all(found[uid] == 1 for uid in acknowledged), "each acknowledged instance is in one job, once"
     assert job["source"] == "dicom" and job["sender"]["calling_ae"] == "CT_SCANNER"
-    assert runs_per_job(site) == {job["id"]: 1}
-    if point.startswith("send."):
+    if point in ("outputs.written", "send.early_recorded"):
+        # Killed after its outputs were written, the job ran again and wrote the same instances (issue 10): a
+        # file that left before the kill is the one the rerun sends, which the destination stores once.
+        assert runs_per_job(site) == {job["id"]: 2} and job["attempts"] == 2
+        rerun = {Path(o["path"]).name: file_uids(site.outbox / job["id"] / o["path"])
+                 for o in job["outputs"] if o["type"] == "DICOM"}
+        assert rerun == written
+    else:
+        assert runs_per_job(site) == {job["id"]: 1}
+    if point.startswith("send.") or point == "outputs.written":
+        if point == "send.early_recorded":  # recorded as sent while the first attempt ran: not sent again
+            assert sorted(read_job(site.outbox / job["id"])["early_sent"]["TPS"].values()) == \
+                ["dicom-in-1/rtstruct.dcm", "dicom-in-1/seg.dcm"]
         wait_for(lambda: read_job(site.outbox / job["id"])["sends"]["TPS"]["status"] == "sent", 30,
                  what="the send to resume and finish")
         sent = read_job(site.outbox / job["id"])["sends"]["TPS"]
         assert all(when is not None for when in sent["files"].values())
         # Stored but not yet written down when the process died: that one point sends again (DICOM's C-STORE
         # of one SOP Instance UID replaces it at the destination); every other point delivers exactly once.
-        most = 2 if point == "send.stored" else 1
+        most = 2 if point in ("send.stored", "outputs.written") else 1
         assert destination.stored and all(1 <= n <= most for n in destination.stored.values()), \
             destination.stored
         assert len(destination.stored) == len(sent["files"])

@@ -73,6 +73,14 @@ def test_dicom_job_dropped_in_inbox_ends_with_checked_rtstruct_and_seg(site: Sit
     check = job["checks"]["in-1"]
     assert set(check) == {"body", "lung_left", "lung_right"} and min(check.values()) >= 0.95
     assert "check-back Dice" in (job_dir / "job.log").read_text()
+    # Issue 10: where the time went after the algorithm, step by step, in seconds.
+    timings = job["timings"]
+    steps = ["dicom_read_seconds", "rtstruct_seconds", "check_seconds", "seg_seconds"]
+    assert all(0 < timings[step] for step in steps), timings
+    # The SEG is written while the RTSTRUCT is written and checked: the steps overlap.
+    critical = timings["dicom_read_seconds"] + max(timings["rtstruct_seconds"] + timings["check_seconds"],
+                                                   timings["seg_seconds"])
+    assert critical < timings["finished"] - timings["algorithm_ended"], timings
 
 
 def test_mask_that_cannot_match_the_series_fails_the_job_with_a_clear_error(site: Site, tmp_path: Path) -> None:

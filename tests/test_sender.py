@@ -35,13 +35,17 @@ def destination() -> Iterator[Destination]:
 
 
 def routed_site(site: Site, dest: Destination) -> None:
-    """DICOM door on any free port; every series runs body-lungs, whose RTSTRUCT and SEG go to ``TPS``."""
+    """DICOM door on any free port; every series runs body-lungs, whose RTSTRUCT and SEG go to ``TPS``.
+
+    Sent by the sender after the job's finish (``send_early: false``): its retries and partial deliveries
+    are what these tests are about; tests/test_early_send.py has the sends made while a job runs.
+    """
     site.config["algorithms"].append({"name": "body-lungs", "function": "pipeline.bodylungs:segment",
                                       "outputs": ["rtstruct", "seg"], "default_settings": DEFAULT_SETTINGS})
     site.write_config(worker={"rescan_seconds": 0.5, "stop_timeout": 3}, dicom={
         "enabled": True, "host": "127.0.0.1", "port": 0, "series_timeout": 1.0, "complete_on_release": True,
         "destinations": {"TPS": dest.config()}, "routes": [{"algorithm": "body-lungs", "destinations": ["TPS"]}],
-        "send_backoff_max": 0.5, "send_retry_seconds": 60})
+        "send_backoff_max": 0.5, "send_retry_seconds": 60, "send_early": False})
 
 
 def send_phantom(site: Site, proc: subprocess.Popen[bytes], tmp_path: Path) -> Path:
@@ -82,6 +86,10 @@ def test_after_a_partial_delivery_each_file_arrives_once(site: Site, destination
     assert destination.stored == collections.Counter(dict.fromkeys(uids(job_dir, files), 1))
     # Three C-STOREs in all: the first file once, the refused one twice; nothing went again once stored.
     assert [status for _, _, status in destination.requests] == [SUCCESS, OUT_OF_RESOURCES, SUCCESS]
+    # Issue 10: the send's time in job.yaml runs from the job's finish to the last file stored, so it holds
+    # the 0.5 s backoff between the two attempts.
+    timings = read_job(job_dir)["timings"]
+    assert 0.5 <= timings["send_seconds.TPS"] < time.time() - timings["finished"], timings
 
 
 # --- defect 6: SIGTERM with a hung send ------------------------------------------------------------------------

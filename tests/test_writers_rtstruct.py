@@ -21,7 +21,7 @@ from pipeline import phantom
 from pipeline.errors import InvalidInput
 from pipeline.phantom import Grid
 from pipeline.writers import convert_nifti, read_series, write_rtstruct
-from pipeline.writers.rtstruct import PALETTE, mask_contours
+from pipeline.writers.rtstruct import PALETTE, _ds_bytes, mask_contours
 
 NAMES = phantom.structure_names()
 MIN_DICE = 0.97
@@ -445,3 +445,18 @@ def test_series_reader_skips_non_images_and_sorts_along_the_normal(axial, tmp_pa
     series = read_series(series_dir / "CT_0001.dcm")
     assert series.shape == grid.shape and series.slice_spacing == pytest.approx(2.5)
     assert np.allclose(series.positions, grid.slice_positions())
+
+
+def test_contour_numbers_are_formatted_as_python_rounds_them() -> None:
+    """ContourData is formatted for all the numbers of a contour at once (issue 10): the values are
+    Python's own rounding to 0.001 mm, each a valid DS of at most 16 characters, the whole of even length."""
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, -0.0004, 0.0005, 0.0015, -0.0015, 0.25, -0.5, 12.5, -3.0, 100.001, 99999.9995, -999999.999]
+    for points in (rng.uniform(-600, 600, (500, 3)), np.round(rng.uniform(-300, 300, (300, 3)) * 64) / 64,
+                   np.array(edges[:12]).reshape(-1, 3), np.array([edges[12], 1e7, 1.5]).reshape(1, 3)):
+        value = _ds_bytes(points)
+        assert len(value) % 2 == 0
+        numbers = value.decode("ascii").rstrip(" ").split("\\")
+        assert all(0 < len(n) <= 16 and " " not in n for n in numbers), numbers
+        assert np.array_equal(np.array(numbers, dtype=float), np.round(points, 3).ravel())
+    assert _ds_bytes(np.array([[12.5, -3.0, -0.0004]])) == b"12.5\\-3\\0 "

@@ -173,3 +173,77 @@ def test_not_binary_refused(axial, tmp_path: Path) -> None:
         labels = masks["lung_left"] + 2 * masks["lung_right"].astype(int)
         write_seg(read_series(series_dir), {"lungs": labels}, tmp_path / "seg.dcm")
     assert not list(tmp_path.iterdir())
+
+
+# Issue 10: highdicom builds the modules on one image and the frames are laid out and bit-packed by numpy.
+# The file must be the one highdicom writes when it checks and encodes every frame itself.
+MINTED = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime", "ContributionDateTime"}
+
+
+def differences(fast: pydicom.Dataset, reference: pydicom.Dataset, where: str = "") -> list[str]:
+    """Where two datasets differ, element by element and item by item, but for the times they were made."""
+    found = []
+    keywords = {e.keyword for e in fast} | {e.keyword for e in reference}
+    for keyword in sorted(keywords - MINTED - {"PixelData"}):
+        if keyword not in fast or keyword not in reference:
+            found.append(f"{where}{keyword} only in the {'fast' if keyword in fast else 'reference'} SEG")
+            continue
+        a, b = fast[keyword], reference[keyword]
+        if a.VR == "SQ" and b.VR == "SQ":
+            if len(a.value) != len(b.value):
+                found.append(f"{where}{keyword}: {len(a.value)} items, highdicom {len(b.value)}")
+                continue
+            for k, (x, y) in enumerate(zip(a.value, b.value, strict=True)):
+                found += differences(x, y, f"{where}{keyword}[{k}].")
+        elif (a.VR, a.value) != (b.VR, b.value):
+            found.append(f"{where}{keyword}: {a.VR} {a.value!r}, highdicom {b.VR} {b.value!r}")
+    return found
+
+
+def gapped(masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The body alone with three empty slices in it: one segment, frames on uneven planes."""
+    body = masks["body"].copy()
+    body[8:11] = False
+    return {"body": body}
+
+
+def odd_sized_uneven_grid() -> Grid:
+    """:func:`uneven_grid` with 37 x 37 pixels of 10.8 mm: frames of 1369 bits, not whole bytes."""
+    grid = uneven_grid()
+    return Grid(grid.origin, grid.row_direction, grid.column_direction, (10.8, 10.8), 37, 37,
+                grid.slice_offsets)
+
+
+CASES = {
+    "tilted, three segments": (lambda: phantom.oblique_grid("tilted", slices=24, size=48), "stored", dict),
+    "sagittal, lungs only": (lambda: phantom.oblique_grid("sagittal", slices=20, size=48, slice_thickness=15.0),
+                             "reversed", lambda m: {k: m[k] for k in ("lung_left", "lung_right")}),
+    "coronal, one segment with a gap": (lambda: phantom.oblique_grid("coronal", slices=20, size=48), "stored",
+                                        gapped),
+    "uneven, frames of 37 x 37 pixels": (odd_sized_uneven_grid, "stored", dict),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_seg_is_highdicoms_own(case: str, tmp_path: Path) -> None:
+    make_grid, order, select = CASES[case]
+    series_dir, truth = make_series(tmp_path, make_grid(), order=order)
+    masks = select(truth)
+    series = read_series(series_dir)
+    uids = {"sop_instance_uid": hd.UID(), "series_instance_uid": hd.UID()}
+    fast = write_seg(series, masks, tmp_path / "fast.dcm", **uids)
+    reference = write_seg(series, masks, tmp_path / "highdicom.dcm", highdicom_frames=True, **uids)
+
+    # highdicom reads the masks back exactly, each frame on the image it references.
+    seg = hd.seg.segread(fast)
+    pixels = seg.get_pixels_by_source_instance([s.sop_instance_uid for s in series.slices],
+                                               segment_numbers=list(range(1, len(masks) + 1)))
+    assert np.array_equal(pixels.astype(bool), np.stack(list(masks.values()), axis=-1))
+    assert dciodvfy_errors(fast) == []
+    # And the file is highdicom's, element for element and bit for bit (highdicom pads odd pixel data
+    # with an ASCII "0", this writer with a NUL).
+    a, b = pydicom.dcmread(fast), pydicom.dcmread(reference)
+    assert differences(a, b) == []
+    assert len(a.PixelData) == len(b.PixelData) and a.PixelData[:-1] == b.PixelData[:-1]
+    # Only the frames with content are stored.
+    assert int(a.NumberOfFrames) == sum(int(m.any(axis=(1, 2)).sum()) for m in masks.values())

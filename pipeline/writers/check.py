@@ -73,8 +73,11 @@ def _roi_names(ds: Dataset) -> dict[int, str]:
     return {int(roi.ROINumber): str(roi.ROIName) for roi in ds.get("StructureSetROISequence", [])}
 
 
-def _slice_of(series: Series, contour: Dataset, points: np.ndarray, roi_name: str) -> int:
-    """The series slice a contour lies on: the image it references, which its points must lie in."""
+def _slice_of(
+    series: Series, contour: Dataset, points: np.ndarray, roi_name: str
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The series slice a contour lies on (the image it references, which its points must lie in), and the
+    points' column and row coordinates on it."""
     images = contour.get("ContourImageSequence", [])
     if images:
         uid = str(images[0].ReferencedSOPInstanceUID)
@@ -85,11 +88,48 @@ def _slice_of(series: Series, contour: Dataset, points: np.ndarray, roi_name: st
                                "which is not in the series") from None
     else:
         k = int(np.argmin(np.abs(series.offsets - float(points[0] @ series.normal))))
-    off_plane = np.abs(series.patient_to_pixel(k, points)[2]).max()
+    columns, rows, distance = series.patient_to_pixel(k, points)
+    off_plane = np.abs(distance).max()
     if off_plane > _PLANE_TOLERANCE:
         raise InvalidInput(f"structure {roi_name}: a contour lies {off_plane:.2f} mm off the plane of the "
                            f"image it belongs to ({series.slices[k].path.name})")
-    return k
+    return k, columns, rows
+
+
+def _rasterise_slices(ds: Dataset, series: Series) -> dict[str, dict[int, np.ndarray]]:
+    """:func:`rasterise_rtstruct` slice by slice: ROI name to slice index to a bool image, for the slices
+    with contours only (issue 10: the check-back of a large CT no longer fills and compares whole volumes).
+    """
+    frames = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
+    if frames and series.frame_of_reference_uid not in frames:
+        raise InvalidInput(f"RTSTRUCT references frame of reference {', '.join(sorted(frames))}, "
+                           f"the series is in {series.frame_of_reference_uid}")
+    names = _roi_names(ds)
+    shape = (series.rows, series.columns)
+    rois: dict[str, dict[int, np.ndarray]] = {}
+    for roi_contour in ds.get("ROIContourSequence", []):
+        name = names.get(int(roi_contour.ReferencedROINumber), f"ROI {roi_contour.ReferencedROINumber}")
+        planes = rois.setdefault(name, {})
+        for contour in roi_contour.get("ContourSequence", []):
+            if contour.get("ContourGeometricType") != "CLOSED_PLANAR":
+                continue
+            k, columns, rows = _slice_of(series, contour, _points(contour), name)
+            filled = _fill(shape, columns, rows)
+            if filled is not None:
+                patch, r0, c0 = filled
+                plane = planes.get(k)
+                if plane is None:
+                    plane = planes[k] = np.zeros(shape, dtype=bool)
+                plane[r0:r0 + patch.shape[0], c0:c0 + patch.shape[1]] ^= patch
+    return rois
+
+
+def _dice_of_slices(expected: np.ndarray, planes: Mapping[int, np.ndarray]) -> float:
+    """:func:`dice` of ``expected`` and the volume that is ``planes`` where given and empty elsewhere."""
+    total = int(np.count_nonzero(expected)) + sum(int(np.count_nonzero(p)) for p in planes.values())
+    if total == 0:
+        return 1.0
+    return 2.0 * sum(int(np.count_nonzero(expected[k] & p)) for k, p in planes.items()) / total
 
 
 def rasterise_rtstruct(rtstruct: Path | Dataset, series: Series) -> dict[str, np.ndarray]:
@@ -114,26 +154,11 @@ def rasterise_rtstruct(rtstruct: Path | Dataset, series: Series) -> dict[str, np
         in the series or lies off its plane.
     """
     ds = rtstruct if isinstance(rtstruct, Dataset) else pydicom.dcmread(rtstruct)
-    frames = {str(f.FrameOfReferenceUID) for f in ds.get("ReferencedFrameOfReferenceSequence", [])}
-    if frames and series.frame_of_reference_uid not in frames:
-        raise InvalidInput(f"RTSTRUCT references frame of reference {', '.join(sorted(frames))}, "
-                           f"the series is in {series.frame_of_reference_uid}")
-    names = _roi_names(ds)
-    shape = series.shape
     volumes: dict[str, np.ndarray] = {}
-    for roi_contour in ds.get("ROIContourSequence", []):
-        name = names.get(int(roi_contour.ReferencedROINumber), f"ROI {roi_contour.ReferencedROINumber}")
-        volume = volumes.setdefault(name, np.zeros(shape, dtype=bool))
-        for contour in roi_contour.get("ContourSequence", []):
-            if contour.get("ContourGeometricType") != "CLOSED_PLANAR":
-                continue
-            points = _points(contour)
-            k = _slice_of(series, contour, points, name)
-            columns, rows, _ = series.patient_to_pixel(k, points)
-            filled = _fill(shape[1:], columns, rows)
-            if filled is not None:
-                patch, r0, c0 = filled
-                volume[k, r0:r0 + patch.shape[0], c0:c0 + patch.shape[1]] ^= patch
+    for name, planes in _rasterise_slices(ds, series).items():
+        volumes[name] = np.zeros(series.shape, dtype=bool)
+        for k, plane in planes.items():
+            volumes[name][k] = plane
     return volumes
 
 
@@ -172,7 +197,7 @@ def check_rtstruct(
         0.81 below 0.95"), or if the file cannot be rasterised onto the series.
     """
     names = names or {}
-    rasterised = rasterise_rtstruct(Path(rtstruct_file), series)
+    rasterised = _rasterise_slices(pydicom.dcmread(Path(rtstruct_file)), series)
     figures: dict[str, float] = {}
     failures = []
     for key, mask in masks.items():
@@ -180,7 +205,7 @@ def check_rtstruct(
         roi_name = names.get(key, key)
         if roi_name not in rasterised and not expected.any():
             continue
-        figure = dice(expected, rasterised.get(roi_name, np.zeros(series.shape, dtype=bool)))
+        figure = _dice_of_slices(expected, rasterised.get(roi_name, {}))
         figures[key] = figure
         log.info("structure %s: check-back Dice %.4f", key, figure)
         if figure < min_dice:

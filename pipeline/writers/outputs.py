@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from pydicom.uid import generate_uid
 
+from pipeline.crashpoints import delay_point
 from pipeline.errors import InvalidInput
 from pipeline.writers.check import DEFAULT_MIN_DICE, check_rtstruct
 from pipeline.writers.rtstruct import resolve_structures, write_rtstruct
@@ -20,10 +23,47 @@ from pipeline.writers.series import align_masks, read_series
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "DicomOutputs", "write_dicom_outputs"]
+__all__ = ["KINDS", "STEPS", "DicomOutputs", "OutputUIDs", "output_uids", "write_dicom_outputs"]
 
 KINDS = ("rtstruct", "seg")
+#: What :attr:`DicomOutputs.seconds` times: reading the series and the masks onto it, writing the RTSTRUCT,
+#: its check-back, writing the SEG.
+STEPS = ("read", "rtstruct", "check", "seg")
 _FILE_NAMES = {"rtstruct": "rtstruct.dcm", "seg": "seg.dcm"}
+
+
+class OutputUIDs(NamedTuple):
+    """The UIDs of one output file (None: the writer mints new ones)."""
+
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+
+
+def output_uids(seed: str | None, kind: str) -> OutputUIDs:
+    """The SOP Instance and Series Instance UIDs of one output, derived from ``seed`` (issue 10).
+
+    A rerun of a job (the service killed after an output left) writes and sends the same instances
+    again, which a PACS or planning system stores once, instead of a second, different RTSTRUCT. The UIDs
+    are pydicom's ``generate_uid`` with ``seed``, ``kind`` and the attribute as its entropy: valid UIDs
+    under pydicom's root, the same for the same seed, and unrelated from one seed or kind to another.
+
+    Parameters
+    ----------
+    seed
+        What makes the outputs a job's own: its id and the input series', ``"<job id>/<series id>"``; None
+        for new UIDs.
+    kind
+        ``"rtstruct"`` or ``"seg"``.
+
+    Returns
+    -------
+    OutputUIDs
+        ``sop_instance_uid`` and ``series_instance_uid``, as the writers take them.
+    """
+    if seed is None:
+        return OutputUIDs()
+    return OutputUIDs(sop_instance_uid=generate_uid(entropy_srcs=[seed, kind, "sop"]),
+                      series_instance_uid=generate_uid(entropy_srcs=[seed, kind, "series"]))
 
 
 @dataclass
@@ -39,11 +79,15 @@ class DicomOutputs:
         figure is at least the ``min_dice`` asked for.
     skipped
         Mask names left out because they were empty.
+    seconds
+        Wall-clock seconds of each step of :data:`STEPS` that ran (issue 10: where the time goes between
+        the algorithm's end and the results at the destination).
     """
 
     files: list[Path]
     check: dict[str, float]
     skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def write_dicom_outputs(
@@ -56,6 +100,8 @@ def write_dicom_outputs(
     min_dice: float = DEFAULT_MIN_DICE,
     algorithm_name: str = "postbox",
     algorithm_version: str = "0.1",
+    uid_seed: str | None = None,
+    on_written: Callable[[Path], None] | None = None,
 ) -> DicomOutputs:
     """Write an algorithm's masks as DICOM on their source series, the RTSTRUCT checked before it is kept.
 
@@ -80,11 +126,18 @@ def write_dicom_outputs(
         The lowest check-back Dice accepted for any structure of the RTSTRUCT.
     algorithm_name, algorithm_version
         Identify the algorithm in the files.
+    uid_seed
+        Derive each file's SOP Instance and Series Instance UIDs from this (:func:`output_uids`), so that
+        writing the same job's outputs again gives the same instances; new UIDs when not given.
+    on_written
+        Called with each file once it is final and will be kept: the RTSTRUCT once its check has passed,
+        the SEG after that (issue 10: the RTSTRUCT may be sent while the SEG is still being written).
 
     Returns
     -------
     DicomOutputs
-        The files written, the check-back Dice per structure, and the structures left out as empty.
+        The files written, the check-back Dice per structure, the structures left out as empty, and the
+        seconds each step took.
 
     Raises
     ------
@@ -102,9 +155,12 @@ def write_dicom_outputs(
         raise InvalidInput(f"min_dice must be between 0 and 1, not {min_dice}")
     # Check names, colours and types before any slow work, so a bad mapping fails at once.
     resolved = resolve_structures(list(masks), structures)
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     series = read_series(Path(series_dir))
     aligned = align_masks(series, masks)
     skipped = [name for name, array in aligned.items() if not np.any(array)]
+    seconds["read"] = time.perf_counter() - started
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
@@ -113,26 +169,65 @@ def write_dicom_outputs(
 
     files: list[Path] = []
     check: dict[str, float] = {}
+    # Issue 10: the SEG is written in a thread while the RTSTRUCT is written and checked; numpy, OpenCV and
+    # the file writes release the GIL. If the RTSTRUCT's check fails, the SEG is removed once written.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postbox-seg")
+    seg_written: Future[Path] | None = None
     try:
-        # The RTSTRUCT first: if its check fails, no SEG of the same masks is left behind either.
+        if "seg" in kinds:
+            uids = output_uids(uid_seed, "seg")
+            seg_written = pool.submit(_timed, seconds, "seg", _write_seg, series, aligned,
+                                      out_dir / _FILE_NAMES["seg"], structures=structures,
+                                      algorithm_name=algorithm_name, algorithm_version=algorithm_version,
+                                      sop_instance_uid=uids.sop_instance_uid,
+                                      series_instance_uid=uids.series_instance_uid)
         if "rtstruct" in kinds:
             staged = out_dir / f".{generate_uid()}.rtstruct.dcm"
             try:
+                started = time.perf_counter()
+                uids = output_uids(uid_seed, "rtstruct")
                 write_rtstruct(series, aligned, staged, structures=structures, algorithm_name=algorithm_name,
-                               algorithm_version=algorithm_version)
+                               algorithm_version=algorithm_version, sop_instance_uid=uids.sop_instance_uid,
+                               series_instance_uid=uids.series_instance_uid)
+                seconds["rtstruct"] = time.perf_counter() - started
+                started = time.perf_counter()
                 check = check_rtstruct(staged, series, aligned, min_dice,
                                        names={key: s.name for key, s in resolved.items()})
+                seconds["check"] = time.perf_counter() - started
                 files.append(out_dir / _FILE_NAMES["rtstruct"])
                 os.replace(staged, files[-1])
+                if on_written is not None:
+                    on_written(files[-1])  # checked: it may leave now, while the SEG is still being written
             finally:
                 staged.unlink(missing_ok=True)
-        if "seg" in kinds:
-            files.append(write_seg(series, aligned, out_dir / _FILE_NAMES["seg"], structures=structures,
-                                   algorithm_name=algorithm_name, algorithm_version=algorithm_version))
+        if seg_written is not None:
+            files.append(seg_written.result())  # after the RTSTRUCT: the files keep their order
+            if on_written is not None:
+                on_written(files[-1])
     except BaseException:
+        pool.shutdown(wait=True)  # the SEG, if being written, is finished before it is removed
+        if seg_written is not None and not seg_written.cancelled() and seg_written.exception() is None:
+            files.append(seg_written.result())
         for path in files:
             path.unlink(missing_ok=True)
         raise
+    finally:
+        pool.shutdown(wait=True)
     log.info("DICOM outputs %s written to %s; check-back Dice %s", [f.name for f in files], out_dir,
              ", ".join(f"{k} {v:.4f}" for k, v in check.items()) or "not run")
-    return DicomOutputs(files=files, check=check, skipped=skipped)
+    # In the order of STEPS, whichever of the RTSTRUCT and the SEG (in its thread) finished first.
+    return DicomOutputs(files=files, check=check, skipped=skipped,
+                        seconds={step: seconds[step] for step in STEPS if step in seconds})
+
+
+def _timed(seconds: dict[str, float], step: str, write: Callable[..., Path], *args: Any, **kwargs: Any) -> Path:
+    """``write(*args, **kwargs)``, its wall-clock seconds recorded under ``step`` once it has succeeded."""
+    started = time.perf_counter()
+    path = write(*args, **kwargs)
+    seconds[step] = time.perf_counter() - started
+    return path
+
+
+def _write_seg(*args: Any, **kwargs: Any) -> Path:
+    delay_point("seg")  # tests only: a slow SEG, to see the RTSTRUCT leave before it
+    return write_seg(*args, **kwargs)

@@ -27,10 +27,8 @@ import cv2
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -40,6 +38,7 @@ from pydicom.uid import (
 )
 
 from pipeline.errors import InvalidInput
+from pipeline.writers import _encoding as enc
 from pipeline.writers.check import check_rtstruct
 from pipeline.writers.series import Series, align_mask, load_mask, read_series
 
@@ -74,7 +73,6 @@ _MAPPING_KEYS = {"name", "color", "type"}
 _STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 # A run of collinear marching-squares points is one edge; this tolerance (pixels) removes only those.
 _SIMPLIFY = 0.1
-_CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 ColorMap = Mapping[str, Sequence[int]] | Callable[[int], Sequence[float]]
 
@@ -233,30 +231,65 @@ def mask_contours(mask: np.ndarray) -> list[np.ndarray]:
     return contours
 
 
+def _word(text: bytes) -> int:
+    return int.from_bytes(text, "little")
+
+
+# _ds_bytes writes each number as 16 bytes, four little-endian 32-bit words each looked up whole: the sign;
+# the thousands of the integer part; its last three digits and the point; three decimals and the separator.
+# It then keeps only the bytes the number uses (no leading zeros, no trailing zeros in the decimals, no
+# point for a whole number, no sign for a positive one), in one numpy pass for all the numbers of a contour
+# where Python's str() of each number took a third of the RTSTRUCT's time on a large CT (issue 10).
+_SIGN = _word(b"   -")
+_THOUSANDS = np.array([_word(b"%03d " % i) for i in range(1000)], dtype=np.uint32)
+_UNITS = np.array([_word(b"%03d." % i) for i in range(1000)], dtype=np.uint32)
+_DECIMALS = np.array([_word(b"%03d\\" % i) for i in range(1000)], dtype=np.uint32)
+# Bytes kept (1) of each word, by the number of digits of the integer part (1 to 6) or by the decimals;
+# _LAST keeps a word's fourth byte: the sign, the point or the separator.
+_LAST = _word(b"\0\0\0\1")
+_KEEP_THOUSANDS = np.array([_word(bytes([j >= 6 - n for j in range(3)] + [0])) for n in range(7)], dtype=np.uint32)
+_KEEP_UNITS = np.array([_word(bytes([j >= 3 - n for j in range(3)] + [0])) for n in range(7)], dtype=np.uint32)
+_KEEP_DECIMALS = np.array([_word(bytes([j < len((b"%03d" % i).rstrip(b"0")) for j in range(3)] + [1]))
+                           for i in range(1000)], dtype=np.uint32)
+_TENS = 10 ** np.arange(1, 6)
+
+
 def _ds_bytes(points: np.ndarray) -> bytes:
     """``x\\y\\z\\...`` with 0.001 mm resolution, padded to even length, as a DS value's bytes."""
-    text = "\\".join(map(str, np.round(points, 3).ravel().tolist())).encode("ascii")
+    thousandths = np.rint(np.asarray(points, dtype=float).ravel() * 1000).astype(np.int64)
+    if thousandths.size == 0 or np.abs(thousandths).max() >= 10**9:  # a kilometre: never a patient's
+        text = "\\".join(map(str, np.round(points, 3).ravel().tolist())).encode("ascii")
+        return text + b" " if len(text) % 2 else text
+    whole, fraction = np.divmod(np.abs(thousandths), 1000)
+    thousands, units = np.divmod(whole, 1000)
+    digits = np.searchsorted(_TENS, whole, side="right") + 1
+    words = np.empty((thousandths.size, 4), dtype=np.uint32)
+    keep = np.empty_like(words)
+    words[:, 0], keep[:, 0] = _SIGN, (thousandths < 0) * _LAST
+    words[:, 1], keep[:, 1] = _THOUSANDS[thousands], _KEEP_THOUSANDS[digits]
+    words[:, 2], keep[:, 2] = _UNITS[units], _KEEP_UNITS[digits] | (fraction > 0) * _LAST
+    words[:, 3], keep[:, 3] = _DECIMALS[fraction], _KEEP_DECIMALS[fraction]
+    keep[-1, 3] &= ~np.uint32(_LAST)  # no separator after the last number
+    text = words.view(np.uint8)[keep.view(bool)].tobytes()
     return text + b" " if len(text) % 2 else text
 
 
-def _contour_item(series: Series, k: int, points: np.ndarray, number: int) -> Dataset:
-    item = Dataset()
-    image = Dataset()
-    image.ReferencedSOPClassUID = series.slices[k].sop_class_uid
-    image.ReferencedSOPInstanceUID = series.slices[k].sop_instance_uid
-    item.ContourImageSequence = DicomSequence([image])
-    item.ContourGeometricType = "CLOSED_PLANAR"
-    item.NumberOfContourPoints = len(points)
-    item.ContourNumber = number
-    # pydicom would turn each number into a DSfloat object (about 1 us each, most of rt-utils' time on a
-    # large CT); the value is formatted once here and stored as the raw bytes pydicom writes as they are.
-    value = _ds_bytes(points)
-    item[_CONTOUR_DATA] = RawDataElement(_CONTOUR_DATA, "DS", len(value), value, 0, False, True, True, False)
-    return item
+def _contour_item(series: Series, k: int, points: np.ndarray, number: int) -> bytes:
+    """One item of the Contour Sequence, as bytes: a large CT's RTSTRUCT has thousands, which pydicom took
+    most of the file's time to write element by element (issue 10)."""
+    image = (enc.element(0x00081150, "UI", enc.uid(series.slices[k].sop_class_uid))  # ReferencedSOPClassUID
+             + enc.element(0x00081155, "UI", enc.uid(series.slices[k].sop_instance_uid)))  # ...SOPInstanceUID
+    return (enc.sequence(0x30060016, [image])  # ContourImageSequence
+            + enc.element(0x30060042, "CS", enc.text("CLOSED_PLANAR"))  # ContourGeometricType
+            + enc.element(0x30060046, "IS", enc.text(str(len(points))))  # NumberOfContourPoints
+            + enc.element(0x30060048, "IS", enc.text(str(number)))  # ContourNumber
+            # pydicom would turn each number into a DSfloat object (about 1 us each, most of rt-utils' time
+            # on a large CT); the value is formatted once here, all the numbers of the contour at once.
+            + enc.element(0x30060050, "DS", _ds_bytes(points)))  # ContourData
 
 
-def _structure_contours(series: Series, mask: np.ndarray) -> list[Dataset]:
-    items: list[Dataset] = []
+def _structure_contours(series: Series, mask: np.ndarray) -> list[bytes]:
+    items: list[bytes] = []
     for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
         for contour in mask_contours(mask[k]):
             points = series.pixel_to_patient(int(k), contour[:, 0], contour[:, 1])
@@ -287,9 +320,14 @@ def _base_dataset(
     series_description: str,
     algorithm_name: str,
     algorithm_version: str,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
 ) -> Dataset:
-    """File meta, SOP Common, Patient, General Study, Series and General Equipment modules."""
-    sop_uid = generate_uid()
+    """File meta, SOP Common, Patient, General Study, Series and General Equipment modules.
+
+    The SOP Instance and Series Instance UIDs are new ones unless given (a job's own: issue 10).
+    """
+    sop_uid = UID(sop_instance_uid) if sop_instance_uid else generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class_uid)
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -313,7 +351,7 @@ def _base_dataset(
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     ds.StudyInstanceUID = series.study_instance_uid
     ds.Modality = modality
-    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = UID(series_instance_uid) if series_instance_uid else generate_uid()
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
     ds.SeriesDescription = series_description[:64]
@@ -393,6 +431,8 @@ def write_rtstruct(
     label: str = "Postbox",
     series_number: int = 9001,
     series_description: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
 ) -> Path:
     """Write masks on ``series`` as an RT Structure Set in a new series of the source study.
 
@@ -414,6 +454,9 @@ def write_rtstruct(
         StructureSetLabel (16 characters at most).
     series_number, series_description
         Of the new series.
+    sop_instance_uid, series_instance_uid
+        The file's own UIDs; new ones when not given. Give the same ones to write the same instance again
+        (a job's rerun: :func:`~pipeline.writers.outputs.output_uids`), so that a PACS stores it once.
 
     Returns
     -------
@@ -437,6 +480,8 @@ def write_rtstruct(
         series_description=series_description or f"{algorithm_name} {algorithm_version} structures",
         algorithm_name=algorithm_name,
         algorithm_version=algorithm_version,
+        sop_instance_uid=sop_instance_uid,
+        series_instance_uid=series_instance_uid,
     )
     date, time = ds.InstanceCreationDate, ds.InstanceCreationTime
     ds.StructureSetLabel = label[:16]
@@ -470,7 +515,7 @@ def write_rtstruct(
         roi_contour = Dataset()
         roi_contour.ReferencedROINumber = number
         roi_contour.ROIDisplayColor = list(structure.color)
-        roi_contour.ContourSequence = DicomSequence(items)
+        enc.set_raw_sequence(roi_contour, 0x30060040, items)  # ContourSequence
         roi_contours.append(roi_contour)
         observation = Dataset()
         observation.ObservationNumber = number
@@ -486,11 +531,11 @@ def write_rtstruct(
     ds.RTROIObservationsSequence = DicomSequence(observations)
     if any(not s.name.isascii() for s in resolved.values()) and "SpecificCharacterSet" not in ds:
         ds.SpecificCharacterSet = "ISO_IR 192"
+    # Declare each ROI's contours, and the file above them, already in the file's encoding, as pydicom's docs
+    # advise for raw elements: otherwise the writer parses every Contour Sequence to encode it again.
     for roi_contour in roi_contours:
-        for item in roi_contour.ContourSequence:
-            # Declare each contour item already in the file's encoding, as pydicom's docs advise for raw
-            # elements: otherwise the writer decodes every ContourData number to re-encode it.
-            item.set_original_encoding(False, True, item._character_set)
+        enc.keep_raw(roi_contour)
+    enc.keep_raw(ds)
     path = _save(ds, Path(output_file))
     log.info("RTSTRUCT %s: %d structures on series %s", path.name, len(rois), series.series_instance_uid)
     return path

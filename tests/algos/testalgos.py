@@ -71,6 +71,14 @@ def echo_series(data_objects, working_dir, settings):
     return outputs
 
 
+def lungs(data_objects, working_dir, settings):
+    """The bundled body and lung masks, each run recorded: masks for the pipeline's RTSTRUCT and SEG."""
+    from pipeline.bodylungs import segment
+
+    _record("lungs", data_objects, working_dir)
+    return segment(data_objects, working_dir, {})
+
+
 def fill(data_objects, working_dir, settings):
     """Write ``settings["mb"]`` MB of zeros into the working folder: a full disk meets it with ENOSPC."""
     _record("fill", data_objects, working_dir)
