@@ -69,8 +69,8 @@ PLATIPY_TRIPS = """
 import json, sys, time
 from platipy.client import PlatiPyClient
 
-host, port, api_key, ct_path, out, n = sys.argv[1:]
-client = PlatiPyClient(host, int(port), api_key, "noop")
+host, port, api_key, ct_path, out, n, algorithm = sys.argv[1:]
+client = PlatiPyClient(host, int(port), api_key, algorithm)
 times = []
 for i in range(int(n) + 2):
     start = time.perf_counter()
@@ -83,6 +83,7 @@ print(json.dumps(times[2:]))
 """
 # PlatiPy's own backend, from issue 10 (not run here): the same service.py, its client, the small phantom.
 PLATIPY_BACKEND = "621 ms median (102-1,205), mean ~1.0 s (998 and 1,098 ms in two runs); 10 runs, 2026-11"
+PLATIPY_BACKEND_THRESHOLD = "1,119 ms median; Postbox then: 1,089 ms; 10 runs, 2026-11"
 
 
 def rss(pid: int) -> int:
@@ -144,7 +145,9 @@ class Service:
             "http": {"host": "127.0.0.1", "port": 0, "max_upload_mb": 4096, **tls},
             "worker": {"processes": 1, "settle_seconds": 0, "rescan_seconds": 1, "keep_warm": True},
             "default_algorithm": "noop",
-            "algorithms": [{"name": "noop", "function": "benchalgos:noop"}],
+            "algorithms": [{"name": "noop", "function": "benchalgos:noop"},
+                           # The bundled threshold segmentation: issue 10's second PlatiPy figure.
+                           {"name": "body-lungs", "function": "pipeline.bodylungs:segment"}],
         }))
         self.key = Index(root / "index.json").add_key("bench")
         self.log = root / "service.log"
@@ -172,8 +175,10 @@ class Service:
         return bad
 
 
-def platipy_trips(args: argparse.Namespace, svc: Service, ct: Path, out: Path, problems: list[str]) -> list[float]:
-    """PlatiPy's own client's no-op round trips against ``svc``, in seconds; [] if skipped or not installed."""
+def platipy_trips(args: argparse.Namespace, svc: Service, ct: Path, out: Path, problems: list[str],
+                  algorithm: str = "noop") -> list[float]:
+    """PlatiPy's own client's round trips of ``algorithm`` against ``svc``, in seconds; [] if skipped or not
+    installed."""
     if args.platipy_trips <= 0:
         return []
     if not args.platipy_python.exists():
@@ -183,7 +188,8 @@ def platipy_trips(args: argparse.Namespace, svc: Service, ct: Path, out: Path, p
     script = out.parent / "platipy_trips.py"
     script.write_text(PLATIPY_TRIPS)
     proc = subprocess.run([str(args.platipy_python), str(script), "127.0.0.1", str(svc.port), svc.key, str(ct),
-                           str(out), str(args.platipy_trips)], capture_output=True, text=True, timeout=600)
+                           str(out), str(args.platipy_trips), algorithm], capture_output=True, text=True,
+                          timeout=600)
     if proc.returncode != 0:
         problems.append(f"PlatiPy's client failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return []
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 trips = round_trips("wait")  # the client as it is: its status request waits for the run
                 polled = round_trips("poll", wait=False, poll=0.02, max_poll=0.02)  # as before issue 10
                 platipy = platipy_trips(args, svc, ct, base / "platipy", problems)
+                platipy_seg = platipy_trips(args, svc, ct, base / "platipy-seg", problems, algorithm="body-lungs")
 
                 dataset = client.add_dataset()
                 uploads, objects = [], []
@@ -322,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
                          "PASS" if median <= 0.18 else "MISS",
                          f"min {min(platipy) * 1000:.0f} / max {max(platipy) * 1000:.0f} ms; "
                          f"mean {mean / 1.0:.2f}x PlatiPy's (~1.0 s)"])
+        if platipy_seg:
+            rows.append([f"threshold segmentation (body-lungs), PlatiPy 0.7.2's own client against Postbox (median "
+                         f"of {len(platipy_seg)})", f"{statistics.median(platipy_seg) * 1000:.0f} ms median",
+                         "info", "-", f"PlatiPy's backend (issue 10, not run here): {PLATIPY_BACKEND_THRESHOLD}"])
         if tls_up_s is not None:
             rows.insert(2, [f"HTTPS upload {size / MB:.0f} MB (http.tls)", f"{mbps(tls_up_s):.0f} MB/s",
                             "info", "-", f"{up_s / tls_up_s:.2f}x the plain upload, {copy_s / tls_up_s:.2f}x the copy"])
