@@ -36,6 +36,7 @@ from typing import Any
 import bottle
 from cheroot import wsgi
 from cheroot.makefile import StreamReader, StreamWriter
+from cheroot.server import HTTPConnection
 
 from pipeline.config import Config
 from pipeline.guard import Guard, Limits, Refusal
@@ -291,8 +292,22 @@ class _HttpGuard(Guard):
         super().run()
 
 
+class _Connection(HTTPConnection):
+    """cheroot's connection, telling the guard when it closes, so that its address's count goes down then."""
+
+    def close(self) -> None:
+        # Before the close, not after: its shutdown() lets other threads run, and the client, seeing the FIN,
+        # may be connecting again before this thread gets on.
+        guard = self.server._connections
+        if isinstance(guard, _HttpGuard):
+            guard.closed(self.socket)
+        super().close()
+
+
 class _Server(wsgi.Server):
     """cheroot's WSGI server with the guard in place of its connection manager (``prepare`` swaps them)."""
+
+    ConnectionClass = _Connection
 
     def __init__(self, *args: Any, limits: Limits, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -118,6 +118,7 @@ class Guard:
         self._wake_w.setblocking(False)
         self._lock = threading.Lock()
         self._returned: deque[tuple[socket.socket, Any, bytes, Any]] = deque()  # watch() from other threads
+        self._closed_ids: list[int] = []  # closed() from other threads: id() of sockets the door closed
         self._pending: dict[int, _Pending] = {}  # by file descriptor: connections whose opening is awaited
         # Every connection admitted and not yet seen closed, held here or handed on, with its address: a
         # weak reference, so a socket the door drops without closing is still found gone.
@@ -232,6 +233,13 @@ class Guard:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def closed(self, sock: socket.socket) -> None:
+        """The door has closed ``sock``, one it was handed; any thread. Its address's count goes down at once,
+        not when the socket's last reference goes (the next request from a client that closes and connects
+        again, one after another, must not meet the cap)."""
+        with self._lock:
+            self._closed_ids.append(id(sock))
 
     def connections(self, host: str) -> int:
         """Connections open from ``host`` (for the tests and the log)."""
@@ -428,6 +436,12 @@ class Guard:
 
     def _sweep(self) -> None:
         """Release the count of every connection the door has closed (or dropped) since the last look."""
+        with self._lock:
+            closed, self._closed_ids = self._closed_ids, []
+        for sid in closed:
+            key = self._key_of.get(sid)
+            if key is not None and (sock := self._open[key][0]()) is not None and id(sock) == sid:
+                self._forget(key)
         for key, (ref, _, _) in list(self._open.items()):
             sock = ref()
             if sock is None or sock.fileno() < 0:
