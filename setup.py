@@ -29,6 +29,7 @@ setup(
         "requests>=2.31",
         "tqdm>=4.60",
         "cryptography>=41",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": [

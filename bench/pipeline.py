@@ -418,6 +418,109 @@ def repair_lost_index(base: Path, n: int, rows: list[Row]) -> None:
                     "-", f"{ms(rep / max(1, changed))} a job"))
 
 
+def write_minimal_folders(outbox: Path, manifests: list[jobs.JobManifest], locks: Path | None = None) -> None:
+    """Outbox job folders holding a job.yaml only, one YAML text for all (the ids swapped in): fast at 100,000.
+
+    With ``locks``, each job's lock file there too, as the claim leaves it.
+    """
+    outbox.mkdir(parents=True, exist_ok=True)
+    first = manifests[0]
+    text = yaml.dump(first.to_dict(), Dumper=_Dumper, sort_keys=False)
+    if locks is not None:
+        locks.mkdir(parents=True, exist_ok=True)
+    for m in manifests:
+        os.mkdir(outbox / m.id)
+        with open(outbox / m.id / jobs.JOB_FILE, "w", encoding="utf-8") as fh:
+            fh.write(text.replace(first.id, m.id))
+        if locks is not None:
+            open(locks / f"{m.id}.lock", "wb").close()
+
+
+def retention_run(base: Path, n: int, k: int, rows: list[Row], notes: list[str]) -> None:
+    """Issue 11 at ``n`` jobs: ``postbox status``, an index update, a sweep with nothing due, and a purge of the
+    ``k`` oldest (folders are slow to make: the sweep still goes through all ``n`` index entries)."""
+    from pipeline.audit import AuditLog
+    from pipeline.config import Config
+    from pipeline.retention import Retention
+
+    root = base / f"retention-{n}"
+    root.mkdir()
+    (root / "benchalgos.py").write_text(ALGORITHMS["benchalgos.py"])
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump({"inbox": "inbox", "outbox": "outbox", "database": "index.json",
+                                      "default_algorithm": "noop",
+                                      "algorithms": [{"name": "noop", "function": "benchalgos:noop"}]}))
+    manifests = [fake_manifest(i) for i in range(n)]
+    k = min(k, n)
+    old = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(time.time() - 30 * 86400))}.000+00:00"
+    for m in manifests[:k]:
+        m.finished = old  # 30 days ago; the others finished now
+    records = [job_record(m, "outbox") for m in manifests]
+    index = Index(root / "index.json")
+    t = time.perf_counter()
+    bulk_fill(index, records)
+    fill_s = time.perf_counter() - t
+
+    cli = [Site.postbox, "--config", str(config), "status"]
+    lines = subprocess.run(cli, cwd=root, capture_output=True, check=True).stdout.count(b"\n")
+    if lines != n + 1:
+        notes.append(f"postbox status at {n}: printed {lines} lines for {n} jobs")
+    st = median(timed(lambda: subprocess.run(cli, cwd=root, stdout=subprocess.DEVNULL, check=True), 3))
+    everything = root / "all.json"
+    everything.write_text(json.dumps({"jobs": {str(_doc_id(r["id"])): r for r in records}}, separators=(",", ":")))
+    mb = everything.stat().st_size / 2**20
+    floor = [sys.executable, "-c", f"import json; json.load(open({str(everything)!r}))"]
+    ref_st = median(timed(lambda: subprocess.run(floor, check=True), 3))
+    rows.append(Row(f"`postbox status` CLI, {n:,} jobs (median of 3)", ms(st), "-", None,
+                    f"`python -c json.load` of {mb:.1f} MB {ms(ref_st)}", f"{st / ref_st:.1f}x"))
+
+    sample = iter(random.sample(records, 20))
+    upd = median(timed(lambda: index.update_job(next(sample)["id"], status="done", attempts=2), 20))
+    shard = index._shard(records[0]["id"])
+
+    def json_rewrite() -> None:
+        with open(shard, encoding="utf-8") as fh:
+            data = json.load(fh)
+        with open(root / "ref.json", "w", encoding="utf-8") as fh:
+            json.dump(data, fh, separators=(",", ":"))
+
+    ref_upd = median(timed(json_rewrite, 20))
+    rows.append(Row(f"index `update_job`, {n:,} jobs (median of 20)", ms(upd), "-", None,
+                    f"json load+dump of its {shard.stat().st_size / 1024:.0f} KB shard {ms(ref_upd)}",
+                    f"{upd / ref_upd:.1f}x"))
+
+    t = time.perf_counter()
+    write_minimal_folders(root / "outbox", manifests[:k], locks=root / "inbox" / jobs.LOCKS)
+    make_s = time.perf_counter() - t
+    cfg = Config.from_file(config)
+    retention = Retention(cfg, index, who="bench")
+    idle = median(timed(lambda: retention.purge({"done": 3650, "failed": 3650}), 3))
+    rows.append(Row(f"retention sweep, {n:,} jobs, none due (the cost every `sweep_minutes`)", ms(idle), "-",
+                    None, f"`Index.jobs()` alone {ms(median(timed(index.jobs, 3)))}", "-"))
+
+    t = time.perf_counter()
+    report = retention.purge({"done": 7, "failed": 7})
+    purge_s = time.perf_counter() - t
+    # The floor: the same number of such folders and lock files made again and deleted by rm -r.
+    write_minimal_folders(root / "ref-outbox", manifests[:k], locks=root / "ref-locks")
+    t = time.perf_counter()
+    subprocess.run(["rm", "-r", str(root / "ref-outbox"), str(root / "ref-locks")], check=True)
+    ref_rm = time.perf_counter() - t
+    left = [name for name in os.listdir(root / "outbox") if jobs.is_job_id(name)]
+    locks_left = os.listdir(root / "inbox" / jobs.LOCKS)
+    audited = sum(1 for e in AuditLog.beside(cfg.database).entries() if e["action"] == "purge")
+    entries = len(index.jobs())
+    if len(report.removed) != k or left or locks_left or entries != n - k or audited != k or report.kept:
+        notes.append(f"retention {n}: removed {len(report.removed)} of {k}, kept {len(report.kept)}, left {len(left)} "
+                     f"folders, {len(locks_left)} locks, {entries} index entries; {audited} audit lines")
+    rows.append(Row(f"retention purge of the {k:,} oldest of {n:,} jobs (folder, lock file, index entry, audit "
+                    "line each)", f"{purge_s:.1f} s", "-", None,
+                    f"`rm -r` of as many folders and lock files {ref_rm:.1f} s",
+                    f"{purge_s / ref_rm:.1f}x ({ms(purge_s / k)} a job)"))
+    notes.append(f"retention {n}: bulk fill of the index {fill_s:.1f} s; {k:,} minimal job folders and lock files "
+                 f"written in {make_s:.1f} s")
+
+
 def noop_rows(label: str, r: dict[str, Any], alone: bool, floor: float) -> list[Row]:
     ref = f"bare process start {ms(floor)}"
     lat = r["lat"]
@@ -448,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparse", type=int, default=8, help="no-op jobs submitted 1 s apart (default 8)")
     p.add_argument("--index-sizes", default="1000,10000", help="index sizes (default 1000,10000)")
     p.add_argument("--no-two-services", action="store_true", help="skip the two-services-on-one-inbox run")
+    p.add_argument("--retention-jobs", type=int, default=100_000,
+                   help="jobs for the retention figures: status, update, purge (default 100000; 0 skips them)")
+    p.add_argument("--purge-jobs", type=int, default=10_000,
+                   help="of those, the old ones with job folders, which the purge removes (default 10000)")
+    p.add_argument("--only-retention", action="store_true", help="measure the retention figures alone")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
     p.add_argument("--postbox", default=POSTBOX, help=f"the service's executable (default {POSTBOX})")
     args = p.parse_args(argv)
@@ -461,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         floor = process_floor()
         ref = f"bare process start {ms(floor)}"
 
-        runs = [("1 process", 1, 1), ("2 processes (`worker.processes: 2`)", 1, 2)]
-        if not args.no_two_services:
+        runs = [] if args.only_retention else [("1 process", 1, 1), ("2 processes (`worker.processes: 2`)", 1, 2)]
+        if not args.no_two_services and not args.only_retention:
             runs.append(("2 services x 1 process, one inbox", 2, 1))
         results = {}
         for label, services, processes in runs:
@@ -472,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                                       n_sparse=args.sparse if alone else 0)
             rows += noop_rows(label, results[label], alone, floor)
 
-        for keep_warm in (True, False):
+        for keep_warm in () if args.only_retention else (True, False):
             done = slowload_run(base, keep_warm, notes)
             lat = latencies(done)[1:]
             load = [m["timings"].get("load_seconds", float("nan")) for m in done[1:]]
@@ -486,9 +594,12 @@ def main(argv: list[str] | None = None) -> int:
             if done:
                 notes.append(f"slowload {word}: first job latency {latencies(done)[0]:.2f} s")
 
-        for n in sizes:
+        for n in [] if args.only_retention else sizes:
             index_run(base, n, with_repair=(n == max(sizes)), rows=rows, notes=notes)
-        repair_lost_index(base, min(sizes), rows)
+        if not args.only_retention:
+            repair_lost_index(base, min(sizes), rows)
+        if args.retention_jobs:
+            retention_run(base, args.retention_jobs, args.purge_jobs, rows, notes)
     finally:
         if args.keep:
             print(f"kept {base}", file=sys.stderr)
@@ -502,9 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:
         print("| " + " | ".join(row.cells) + " |")
-    print("\nWhere a paced job's pickup time goes (p50 / p95), and per job in the back-to-back run (p50):\n")
-    print("| run | " + " | ".join(next(iter(results.values()))["parts"]) + " | submit (bench side) |")
-    print("|---|---|---|---|---|")
+    if results:
+        print("\nWhere a paced job's pickup time goes (p50 / p95), and per job in the back-to-back run (p50):\n")
+        print("| run | " + " | ".join(next(iter(results.values()))["parts"]) + " | submit (bench side) |")
+        print("|---|---|---|---|---|")
     for label, r in results.items():
         parts = " | ".join(f"{ms(median(v))} / {ms(p95(v))}" for v in r["parts"].values())
         print(f"| {label}, paced | {parts} | {ms(r['submit'])} |")

@@ -11,7 +11,11 @@ own, median of ``--repeats`` after one warm-up run, beside a reference doing the
 - SEG write: frames bit-packed with numpy into the dataset highdicom builds; reference highdicom encoding
   every frame itself (``write_seg(..., highdicom_frames=True)``, the writer as it was before issue 10);
 - finish: ``write_dicom_outputs`` from the series folder and the NIfTI masks as a job gives them: reading
-  both, RTSTRUCT, check-back and SEG (target: well within 1 s on 200 x 512 x 512).
+  both, RTSTRUCT, check-back and SEG (target: well within 1 s on 200 x 512 x 512);
+- preview (issue 11): the job's contour preview PNG as the service draws it after the sends, from the series
+  folder and the RTSTRUCT (reading the series' headers and pixels, rasterising the RTSTRUCT onto it, drawing
+  three panels with matplotlib's Agg; target: under 1 s on 200 x 512 x 512), and its drawing alone, from
+  the CT and the masks already on the series grid.
 
 A second table shows the outputs are still valid: dciodvfy errors, highdicom's reading of the SEG against
 the masks, and the lowest check-back Dice. ``--profile`` prints cProfile's top functions of the finish on
@@ -50,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import highdicom as hd  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 
-from pipeline import phantom  # noqa: E402
+from pipeline import phantom, preview  # noqa: E402
 from pipeline.writers import (  # noqa: E402
     Series,
     check_rtstruct,
@@ -61,8 +65,9 @@ from pipeline.writers import (  # noqa: E402
 )
 from pipeline.writers.series import align_masks  # noqa: E402
 
-STEPS = ("RTSTRUCT write", "check-back", "SEG write", "finish (write_dicom_outputs)")
-REFERENCES = ("rt-utils", "rt-utils reader", "highdicom frames", "-")
+STEPS = ("RTSTRUCT write", "check-back", "SEG write", "finish (write_dicom_outputs)",
+         "preview (series + RTSTRUCT to PNG)", "preview drawing (arrays on the grid)")
+REFERENCES = ("rt-utils", "rt-utils reader", "highdicom frames", "-", "-", "-")
 
 
 @dataclass
@@ -175,6 +180,14 @@ def measure(case: Case, work: Path, repeats: int) -> None:
         t["finish (write_dicom_outputs)", "postbox"] = _median_time(
             lambda i: write_dicom_outputs(case.series_dir, case.nifti, out / f"finish{i}", kinds=("rtstruct", "seg")),
             repeats)
+        t["preview (series + RTSTRUCT to PNG)", "postbox"] = _median_time(
+            lambda i: preview.series_preview(case.series_dir, rtstruct=rtstruct), repeats)
+        ct, slope, intercept = preview.series_pixels(series)
+        geometry = preview.Geometry.of_series(series)
+        outlines = [preview.Structure(name, color, mask) for (name, mask), color
+                    in zip(masks.items(), ((255, 128, 0), (0, 200, 255), (255, 0, 255)), strict=False)]
+        t["preview drawing (arrays on the grid)", "postbox"] = _median_time(
+            lambda i: preview.render(ct, geometry, outlines, slope=slope, intercept=intercept), repeats)
         if rt_utils is not None:
             t["RTSTRUCT write", "reference"] = _median_time(lambda i: _rt_utils_write(case, path("rtu", i)),
                                                             repeats)
@@ -257,8 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(profile(cases[-1], work))
     finish = cases[-1].times["finish (write_dicom_outputs)", "postbox"]
+    drawn = cases[-1].times["preview (series + RTSTRUCT to PNG)", "postbox"]
     print()
     print(f"finish on {cases[-1].label}: {finish:.2f} s (target: well within 1 s)")
+    print(f"preview on {cases[-1].label}: {drawn:.2f} s (target: under 1 s)")
     return 0
 
 

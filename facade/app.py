@@ -166,6 +166,17 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
         record = store.records.dataset(current_key(), _path_id(dataset_id, "dataset"))
         return json_response({"ready": store.records.ready(record)})
 
+    @route("/api/dataset/<dataset_id>/preview")
+    def dataset_preview(dataset_id: str) -> Any:
+        # Issue 11: the contour preview of the dataset's latest run, audited as the download it is.
+        key = current_key()
+        path, record = store.records.preview_file(key, _path_id(dataset_id, "dataset"))
+        audit.record("download", who=key.name, address=bottle.request.remote_addr, job=record.get("last_job"),
+                     dataset=record["id"], series_uid=None)
+        headers = {"Content-Type": "image/png", "Cache-Control": "no-cache", "Content-Length": str(path.stat().st_size),
+                   "Content-Disposition": content_disposition(f"preview-{record['id']}.png")}
+        return bottle.HTTPResponse(_file_chunks(path), 200, headers=headers)
+
     @route("/api/dataobject", "POST")
     def add_object() -> Any:
         environ = bottle.request.environ

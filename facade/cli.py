@@ -14,7 +14,7 @@ from typing import Any
 from pipeline import jobs
 from pipeline.checks import json_object
 from pipeline.config import Config
-from pipeline.errors import InvalidInput, PostboxError
+from pipeline.errors import ConfigError, InvalidInput, PostboxError
 from pipeline.health import is_disk_full
 from pipeline.index import Index
 from pipeline.logs import configure_logging
@@ -25,7 +25,11 @@ log = logging.getLogger("postbox")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postbox", description="Run a medical image analysis tool as a service.")
     p.add_argument("--config", metavar="PATH",
-                   help="config.yaml to use (default: $POSTBOX_CONFIG, then ./config.yaml, then built-in defaults)")
+                   help="config.yaml to use (default: $POSTBOX_CONFIG, then ./config.yaml; only 'manage run' and "
+                        "'manage initdb' fall back to built-in defaults, the rest refuse without one)")
+    p.add_argument("--log-json", action="store_true",
+                   help="log one JSON object per line (time, level, logger, message, exception) for a log "
+                        "collector, as config.yaml's log_format: json does (default: one line of text per event)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     manage = sub.add_parser("manage", help="set up and run the service")
@@ -44,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --add: an operator's key, which may list and download the jobs of every door "
                           "(folder, DICOM, CLI) and every key's datasets; a plain key sees only what it made")
     msub.add_parser("run", help="start the worker and every configured door; stop with Ctrl-C or SIGTERM")
+    purge = msub.add_parser("purge", help="remove finished jobs older than DAYS from the outbox, with their index "
+                                          "entries, lock files and HTTP records (as retention does); prints them")
+    purge.add_argument("--older-than", metavar="DAYS", type=float, required=True,
+                       help="days since the job finished (as recorded in its job.yaml)")
+    purge.add_argument("--state", choices=("done", "failed"), help="only jobs that ended so (default: both)")
+    purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
     certs = msub.add_parser("certs", help="make a private CA, a server and a client certificate (a test deployment)")
     certs.add_argument("folder", type=Path, help="where to write ca.pem, server.pem, client.pem and their keys")
     certs.add_argument("--host", action="append", default=None,
@@ -93,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``postbox``; returns the exit code (2 for refused input or config)."""
     args = _parser().parse_args(argv)
-    configure_logging("INFO")
+    configure_logging("INFO", "json" if args.log_json else "text")
     try:
         return _COMMANDS[args.command](args)
     except PostboxError as exc:
@@ -103,11 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(args: argparse.Namespace, *, defaults: bool = False) -> Config:
+    """The config in use; without ``defaults`` (only ``manage run`` and ``initdb`` set up a new folder),
+    refuse (ConfigError, exit 2) rather than make an empty setup where there is no config file."""
+    from pipeline.config import ENV_VAR
     from pipeline.service import load_config
 
+    if not defaults and not args.config and not os.environ.get(ENV_VAR) and not Path("config.yaml").is_file():
+        raise ConfigError("--config", f"no config found: no --config, no ${ENV_VAR}, no config.yaml in "
+                                      f"{Path.cwd()}; give --config PATH, or run this where config.yaml is "
+                                      "(nothing was created)")
     cfg = load_config(args.config)
-    configure_logging(cfg.log_level)
+    configure_logging(cfg.log_level, "json" if getattr(args, "log_json", False) else cfg.log_format)
     os.umask(cfg.permissions.umask)  # what this command writes (a job, the index) gets the configured modes
     return cfg
 
@@ -124,7 +141,7 @@ def _manage(args: argparse.Namespace) -> int:
         print(f"server certificate for {', '.join(hosts)}; keys are 0600. For a test deployment only: a hospital "
               "uses its own PKI.", file=sys.stderr)
         return 0
-    cfg = _config(args)
+    cfg = _config(args, defaults=args.manage in ("run", "initdb"))
     index = Index(cfg.database)
     if args.manage == "initdb" and args.repair:
         for lost in index.repair_files():
@@ -158,6 +175,30 @@ def _manage(args: argparse.Namespace) -> int:
         from pipeline.service import app
 
         return app.serve(cfg)
+    elif args.manage == "purge":
+        return _purge(args, cfg, index)
+    return 0
+
+
+def _purge(args: argparse.Namespace, cfg: Config, index: Index) -> int:
+    from pipeline.retention import Retention
+
+    from .records import forget_jobs
+
+    if args.older_than < 0:
+        raise InvalidInput(f"--older-than must be a number of days >= 0, not {args.older_than:g}")
+    retention = Retention(cfg, index, who="manage purge")
+    retention.forgetters.append(lambda ids: forget_jobs(index, ids))
+    states = [args.state] if args.state else ["done", "failed"]
+    report = retention.purge(dict.fromkeys(states, args.older_than), dry_run=args.dry_run)
+    word = "would remove" if args.dry_run else "removed"
+    for m in report.removed:
+        print(f"{word} {m.id}\t{m.status.value}\tfinished {m.finished or '-'}")
+    for job_id, reason in report.kept.items():
+        print(f"kept {job_id}: {reason}")
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(report.counts().items()))
+    print(f"{word} {len(report.removed)} job(s){f' ({counts})' if counts else ''}; kept {len(report.kept)}",
+          file=sys.stderr)
     return 0
 
 

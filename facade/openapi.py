@@ -44,6 +44,10 @@ ROUTES: list[dict[str, Any]] = [
     {"method": "GET", "path": "/api/dataset/ready/{dataset_id}",
      "summary": "Whether every input has arrived (false while empty)", "path_params": [_DATASET_ID],
      "responses": {200: "{ready: bool}", 404: _E404}},
+    {"method": "GET", "path": "/api/dataset/{dataset_id}/preview",
+     "summary": "The contour preview of the latest run (PNG: axial, coronal and sagittal slices with each "
+                "structure's outline), once drawn after the run's results were sent",
+     "path_params": [_DATASET_ID], "responses": {200: "the PNG", 404: _E404 + "; or no preview (yet)"}},
     {"method": "POST", "path": "/api/dataobject",
      "summary": "Add an input: a file (a .zip of one DICOM series becomes a DICOM object), or a DICOM series "
                 "to be retrieved",

@@ -22,14 +22,14 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline import jobs
 from pipeline.checks import check_uid, dicom_series_uid, json_object, safe_name
 from pipeline.config import Config
-from pipeline.errors import InvalidInput
+from pipeline.errors import DamagedManifest, InvalidInput
 from pipeline.index import ApiKey, Index
 
 from .errors import NotFound, QuotaExceeded
@@ -37,7 +37,7 @@ from .uploads import Upload, unpack_dicom_zip
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASETS", "SITE", "UPLOADS", "Records", "record_id"]
+__all__ = ["DATASETS", "SITE", "UPLOADS", "Records", "forget_jobs", "record_id"]
 
 DATASETS = ".datasets"
 # Owner of the datasets that show jobs of the doors without keys (folder drop, DICOM, CLI): only a site key
@@ -57,6 +57,25 @@ def record_id(value: Any, what: str) -> int:
     except ValueError:
         raise InvalidInput(f"{what} must be a whole number (an id), not {value!r}") from None
     return number
+
+
+def forget_jobs(index: Index, job_ids: Collection[str]) -> int:
+    """Drop the records of jobs that retention removed (issue 11); returns how many records went.
+
+    A keyless door's job shows over HTTP as a site dataset of its own (``owner`` SITE, ``last_job`` the job):
+    it goes with its data objects. The output data objects of any dataset's run of the job go too (a key's
+    dataset itself stays: its inputs are the key's, and it expires by its own timeout).
+    """
+    gone = set(job_ids)
+    if not gone:
+        return 0
+    site = index.remove_where("datasets", lambda r: r.get("owner") == SITE and r.get("last_job") in gone)
+    site_ids = {r["id"] for r in site}
+    objects = index.remove_where("dataobjects", lambda r: r.get("job") in gone or r.get("dataset") in site_ids)
+    if site or objects:
+        log.info("records: forgot %d site dataset(s) and %d data object(s) of %d removed job(s)", len(site),
+                 len(objects), len(gone))
+    return len(site) + len(objects)
 
 
 def _bytes(path: Path) -> int:
@@ -377,6 +396,25 @@ class Records:
         if not path.is_relative_to(job_dir.resolve()) or not path.exists():
             raise NotFound(f"output {record['output']} of job {record['job']}")
         return path, path.name
+
+    def preview_file(self, key: ApiKey, dataset_id: Any) -> tuple[Path, dict[str, Any]]:
+        """The contour preview of the dataset's latest run (issue 11) and the dataset's record.
+
+        NotFound unless the key may read the dataset (as :meth:`dataset`), and until the run has a preview.
+        """
+        record = self.dataset(key, dataset_id)
+        job_id = record.get("last_job")
+        job_dir = self.config.outbox / job_id if job_id and jobs.is_job_id(job_id) else None
+        try:
+            preview = jobs.read_manifest(job_dir).preview if job_dir is not None else None
+        except (FileNotFoundError, DamagedManifest):
+            preview = None
+        if job_dir is None or preview is None:
+            raise NotFound(f"a preview of dataset {record['id']}'s latest run (none drawn yet)")
+        path = (job_dir / preview).resolve()
+        if not path.is_relative_to(job_dir.resolve()) or not path.is_file():
+            raise NotFound(f"the preview of dataset {record['id']}")
+        return path, record
 
     # -- quotas ----------------------------------------------------------------------------------------
 

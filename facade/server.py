@@ -46,6 +46,7 @@ from pipeline.jobs import JobManifest
 
 from .app import make_app
 from .datasets import Datasets
+from .records import forget_jobs
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +394,10 @@ class HttpServer:
     def attach_series(self, series_uid: str, folder: Path, sender: dict[str, Any]) -> bool:
         """The DICOM node's claimer: a series a dataset waits for (SEND or MOVE) goes to that dataset."""
         return self.datasets.attach_series(series_uid, folder, sender)
+
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Retention's hook: jobs removed from the outbox leave no dataset or data object behind (issue 11)."""
+        forget_jobs(self.datasets.index, job_ids)
 
     def ready_info(self) -> dict[str, Any] | None:
         return {"port": self.port, "scheme": self.scheme}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from typing import Any
 from .dataobject import DataObject
 
 _PR_SET_PDEATHSIG = 1
-_cache: dict[tuple[str, str, str], Any] = {}
+_cache: dict[tuple[str, str, str], tuple[Any, str | None, list[int] | None]] = {}
 
 
 def _die_with_parent(parent: int) -> None:
@@ -45,23 +46,39 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _load(module: str, attr: str, search_path: str) -> Any:
+def _load(module: str, attr: str, search_path: str) -> tuple[Any, str | None, list[int] | None]:
+    """The callable, its module's file and that file's [mtime_ns, size] when it was imported.
+
+    The worker compares the stamp with the file before each job and starts a fresh process when the
+    file was edited, so an edited service.py takes effect without a restart.
+    """
     key = (module, attr, search_path)
     if key not in _cache:
         if search_path and search_path not in sys.path:
             sys.path.insert(0, search_path)
+        spec = importlib.util.find_spec(module)
+        source = spec.origin if spec is not None and spec.has_location else None
+        try:
+            stamp = _stamp(source) if source else None  # before the import: an edit while importing shows
+        except OSError:
+            source = stamp = None
         fn = getattr(importlib.import_module(module), attr, None)
         if not callable(fn):
             raise LookupError(f"module '{module}' has no callable '{attr}'")
-        _cache[key] = fn
+        _cache[key] = (fn, source, stamp)
     return _cache[key]
+
+
+def _stamp(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_mtime_ns, st.st_size]
 
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     inputs = [DataObject(type=d["type"], path=d["path"], meta_data=d.get("meta_data") or {}, id=d["id"])
               for d in request["data_objects"]]
     t_load = time.time()
-    fn = _load(request["module"], request["attr"], request["search_path"])
+    fn, source, stamp = _load(request["module"], request["attr"], request["search_path"])
     started = time.time()
     os.chdir(request["working_dir"])
     result = fn(inputs, request["working_dir"], request["settings"])
@@ -72,7 +89,8 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(f"the algorithm must return a list of DataObject, not {type(result).__name__}")
     outputs = [{"type": o.type, "path": o.path, "meta_data": o.meta_data, "id": o.id,
                 "parent": o.parent.id if o.parent is not None else None} for o in result]
-    return {"ok": True, "outputs": outputs, "load_seconds": started - t_load, "started": started, "ended": ended}
+    return {"ok": True, "outputs": outputs, "load_seconds": started - t_load, "started": started, "ended": ended,
+            "source": source, "source_stamp": stamp}
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 
 Hospitals must keep such a record (HIPAA's audit controls, GDPR's accountability). Each line says when, who
 (a key's name, or a DICOM AE title) from which address, what (``upload``, ``download``,
-``c-store-received``, ``c-store-sent``, ``c-move``, ``c-get``, ``dashboard-view``), and which job, dataset
+``c-store-received``, ``c-store-sent``, ``c-move``, ``c-get``, ``dashboard-view``, ``purge``: a job removed by
+retention, issue 11), and which job, dataset
 and series. Never a patient's name or ID. Lines are appended with one ``write`` each (atomic for lines of
 this size, so several processes may share the file) and synced, so an access is not forgotten in a crash.
 """
@@ -15,7 +16,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 FILE_NAME = "audit.log"
-ACTIONS = ("upload", "download", "c-store-received", "c-store-sent", "c-move", "c-get", "dashboard-view")
+ACTIONS = ("upload", "download", "c-store-received", "c-store-sent", "c-move", "c-get", "dashboard-view",
+           "purge")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -69,8 +71,15 @@ class AuditLog:
         """Write one entry. A failure to write is logged, never raised: the access itself has happened."""
         entry = AuditEntry(action=action, who=who, address=address, job=job, dataset=dataset,
                            series_uid=series_uid, count=count)
-        line = (json.dumps({k: v for k, v in asdict(entry).items() if v is not None}, ensure_ascii=True)
-                + "\n").encode("ascii")
+        self._append(_line(entry), action, who, job)
+
+    def record_jobs(self, action: str, *, who: str, jobs: Iterable[tuple[str, int | str | None]]) -> None:
+        """One entry per ``(job, dataset)``, appended with one write and one sync (a purge of thousands of jobs)."""
+        entries = [AuditEntry(action=action, who=who, job=job, dataset=dataset) for job, dataset in jobs]
+        if entries:
+            self._append(b"".join(_line(e) for e in entries), action, who, entries[0].job)
+
+    def _append(self, line: bytes, action: str, who: str, job: str | None) -> None:
         try:
             with self._lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -101,6 +110,11 @@ class AuditLog:
                 if start is not None and _when(entry.get("time", "")) < start:
                     continue
                 yield entry
+
+
+def _line(entry: AuditEntry) -> bytes:
+    return (json.dumps({k: v for k, v in asdict(entry).items() if v is not None}, ensure_ascii=True)
+            + "\n").encode("ascii")
 
 
 def _when(text: str) -> dt.datetime:

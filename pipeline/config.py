@@ -419,6 +419,31 @@ class PermissionsConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished jobs stay in the outbox (issue 11); by default every job is kept.
+
+    A job ``done`` (``failed``) is removed once its recorded finish is ``done_days`` (``failed_days``) days old,
+    with its index entries, its lock files and its HTTP records; a job whose sends are pending stays. Unset
+    (null) keeps that state forever. The service looks every ``sweep_minutes``.
+    """
+
+    done_days: float | None = field(default=None, metadata=_t(float, nullable=True))
+    failed_days: float | None = field(default=None, metadata=_t(float, nullable=True))
+    sweep_minutes: float = field(default=60.0, metadata=_t(float))
+
+    def __post_init__(self) -> None:
+        for key in ("done_days", "failed_days"):
+            if getattr(self, key) is not None:
+                _positive(f"retention.{key}", getattr(self, key), zero=True)
+        _positive("retention.sweep_minutes", self.sweep_minutes)
+
+    @property
+    def rules(self) -> dict[str, float]:
+        """Days to keep, by job status (``done``, ``failed``), for the states that are not kept forever."""
+        return {k: v for k, v in (("done", self.done_days), ("failed", self.failed_days)) if v is not None}
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """One algorithm: a Python callable (``function``) or a command line (``command``).
 
@@ -477,11 +502,13 @@ class Config:
     outbox: Path = field(default=Path("outbox"), metadata=_t(str))
     database: Path = field(default=Path("postbox.db.json"), metadata=_t(str))
     log_level: str = field(default="INFO", metadata=_t(str))
+    log_format: str = field(default="text", metadata=_t(str))
     default_algorithm: str = field(default=BUNDLED_ALGORITHM, metadata=_t(str))
     worker: WorkerConfig = field(default_factory=WorkerConfig, metadata=_t(dict))
     http: HttpConfig = field(default_factory=HttpConfig, metadata=_t(dict))
     dicom: DicomConfig = field(default_factory=DicomConfig, metadata=_t(dict))
     permissions: PermissionsConfig = field(default_factory=lambda: PermissionsConfig(), metadata=_t(dict))
+    retention: RetentionConfig = field(default_factory=RetentionConfig, metadata=_t(dict))
     algorithms: tuple[AlgorithmConfig, ...] = field(default=(), metadata=_t(tuple))
 
     def algorithm(self, name: str) -> AlgorithmConfig | None:
@@ -543,6 +570,7 @@ class Config:
             "http": (HttpConfig, data.pop("http", None)),
             "dicom": (DicomConfig, data.pop("dicom", None)),
             "permissions": (PermissionsConfig, data.pop("permissions", None)),
+            "retention": (RetentionConfig, data.pop("retention", None)),
         }
         raw_algorithms = data.pop("algorithms", None)
         top = _build(_Top, data, "", also_known=("algorithms", *sections))
@@ -560,6 +588,9 @@ class Config:
                 raise ConfigError(f"dicom.routes[{i}].algorithm", f"'{route.algorithm}' is not a configured algorithm")
         if top.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError("log_level", f"must be DEBUG, INFO, WARNING or ERROR, not {top.log_level!r}")
+        if top.log_format not in ("text", "json"):
+            raise ConfigError("log_format", "must be text (one line per event) or json (one JSON object per line, "
+                                            f"for a log collector), not {top.log_format!r}")
         cfg = cls(
             base_dir=base_dir,
             source=source,
@@ -567,6 +598,7 @@ class Config:
             outbox=(base_dir / top.outbox).resolve(),
             database=(base_dir / top.database).resolve(),
             log_level=top.log_level.upper(),
+            log_format=top.log_format,
             default_algorithm=default,
             algorithms=tuple(algorithms),
             **built,
@@ -609,6 +641,7 @@ class _Top:
     outbox: str = field(default="outbox", metadata=_t(str))
     database: str = field(default="postbox.db.json", metadata=_t(str))
     log_level: str = field(default="INFO", metadata=_t(str))
+    log_format: str = field(default="text", metadata=_t(str))
     default_algorithm: str = field(default="", metadata=_t(str))
 
 

@@ -38,6 +38,9 @@ POINTS: dict[str, str] = {
     "send.claimed": "a send's lock is held; the association is not yet opened",
     "send.stored": "files are stored at the destination; the send state in job.yaml does not say so yet",
     "send.recorded": "the send state is in job.yaml; the index does not know yet",
+    "purge.moved": "a job being purged is in outbox/.purging; its lock files and index entry are still there",
+    "preview.written": "a finished job's output/preview.png is whole (renamed into place); job.yaml does not "
+                       "name it yet",
 }
 
 _target, _, _nth = (os.environ.get(ENV) or "").partition("@")

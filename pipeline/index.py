@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +302,21 @@ class Index:
         with self._open(self._shard(job_id)) as db:
             db.table("jobs").remove(doc_ids=[_doc_id(job_id)])
 
+    def remove_jobs(self, job_ids: Iterable[str]) -> int:
+        """Remove many job entries with one rewrite per shard (retention, issue 11); returns entries removed."""
+        by_shard: dict[Path, list[int]] = {}
+        for job_id in job_ids:
+            by_shard.setdefault(self._shard(job_id), []).append(_doc_id(job_id))
+        removed = 0
+        for shard, doc_ids in by_shard.items():
+            with self._open(shard) as db:
+                table = db.table("jobs")
+                present = [d for d in doc_ids if table.contains(doc_id=d)]
+                if present:
+                    table.remove(doc_ids=present)
+                removed += len(present)
+        return removed
+
     def jobs(self, where: Callable[[dict[str, Any]], bool] | None = None) -> list[dict[str, Any]]:
         """Every indexed job (optionally filtered), oldest first."""
         result: list[dict[str, Any]] = []
@@ -415,6 +430,15 @@ class Index:
     def remove(self, table: str, **match: Any) -> int:
         with self._open(self._file(table)) as db:
             return len(db.table(table).remove(Query().fragment(match)))
+
+    def remove_where(self, table: str, where: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Remove every record of ``table`` for which ``where`` is true, in one rewrite; the records removed."""
+        with self._open(self._file(table), cached=True) as db:
+            tab = db.table(table)
+            found = [d for d in tab.all() if where(d)]
+            if found:
+                tab.remove(doc_ids=[d.doc_id for d in found])
+        return [{**d, "doc_id": d.doc_id} for d in found]
 
     # -- API keys: stored hashed --
 

@@ -11,6 +11,7 @@ Layout of a job folder::
     <id>/work/         the algorithm's working_dir while it runs (discarded on a new attempt)
     <id>/output/       outputs, complete and synced before the job moves to the outbox
     <id>/job.log       what the algorithm printed or logged, every attempt
+    <id>/output/preview.png   the contour preview, added after the finish (``preview`` in job.yaml, issue 11)
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ DROPPED = "dropped"  # inside a staging folder: a hand-dropped item being turned
 # A staging folder with inputs only, untouched this long, belongs to a door that died before acknowledging it.
 ABANDONED_SECONDS = 3600.0
 RECEIVING = "receiving.json"  # inside a staging folder: a door receiving into it (who sends, where it goes)
+# The contour preview of a finished job (issue 11), relative to its folder: written after the finish, never an
+# output (outputs are the algorithm's, recorded and sent at the finish); job.yaml's ``preview`` names it.
+PREVIEW = f"{OUTPUT}/preview.png"
 
 _JOB_ID = re.compile(r"^\d{8}T\d{6}-[0-9a-f]{8}$")
 
@@ -222,6 +226,7 @@ class JobManifest:
     an unreadable job.yaml of its own); ``checks`` the check-back Dice per input and structure.
     ``early_sent`` names, per destination, the outputs stored there while the job ran (SOP Instance UID
     to file name), recorded before the finish so that a run again after a crash does not send them again.
+    ``preview`` is the contour preview's path (:data:`PREVIEW`) once :func:`save_preview` has written it.
     """
 
     id: str
@@ -246,6 +251,7 @@ class JobManifest:
     sends: dict[str, SendState] = field(default_factory=dict)
     checks: dict[str, dict[str, float]] = field(default_factory=dict)
     early_sent: dict[str, dict[str, str]] = field(default_factory=dict)
+    preview: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _JOB_ID.match(self.id):
@@ -271,6 +277,8 @@ class JobManifest:
         self.checks = _mapping(f"job {self.id}: checks", self.checks)
         self.early_sent = {str(k): {str(u): str(n) for u, n in _mapping(f"job {self.id}: early_sent", v).items()}
                            for k, v in _mapping(f"job {self.id}: early_sent", self.early_sent).items()}
+        if self.preview is not None:
+            _check_relative(self.id, str(self.preview))
 
     @property
     def sending(self) -> bool:
@@ -443,11 +451,13 @@ def series_input(number: int, folder: str, series_uid: str, instances: int, *, g
 
 
 def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy", base: Path | None = None,
-                 skip: Iterable[Path] = ()) -> list[InputRecord]:
+                 skip: Iterable[Path] = (), warnings: list[str] | None = None) -> list[InputRecord]:
     """Put input files into ``input_dir``, grouping DICOM files by series.
 
     Each DICOM series becomes one folder (``series-N``) and one DICOM data object; every other file
-    is a FILE data object at its path relative to ``base``.
+    is a FILE data object at its path relative to ``base``, except a file that is not DICOM beside a
+    series' files (a ``notes.txt`` in a dropped series folder): it is kept in the input but given to
+    no algorithm, and ``warnings`` (when given) says so.
 
     Parameters
     ----------
@@ -460,6 +470,8 @@ def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy",
     series: dict[str, Path] = {}
     counts: dict[str, int] = {}
     order: list[tuple[str, str]] = []  # ("DICOM", series uid) or ("FILE", relative path), as first met
+    file_folders: dict[str, Path] = {}  # a FILE's relative path -> the folder it came from
+    series_folders: set[Path] = set()  # the folders that held DICOM files
     for src_root in sources:
         root_base = base or src_root.parent
         for src in _walk_inputs(src_root):
@@ -475,14 +487,22 @@ def place_inputs(sources: Iterable[Path], input_dir: Path, *, how: str = "copy",
                 if dest.exists():  # two files of one series with one name in different folders
                     dest = series[uid] / f"{src.stem}-{secrets.token_hex(3)}{src.suffix}"
                 counts[uid] = counts.get(uid, 0) + 1
+                series_folders.add(src.parent)
             else:
                 rel = src.relative_to(root_base) if src.is_relative_to(root_base) else Path(src.name)
                 dest = input_dir / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 order.append(("FILE", rel.as_posix()))
+                file_folders[rel.as_posix()] = src.parent
             _transfer(src, dest, how)
     if not order:
         raise InvalidInput("no input files (hidden, temporary and partial files are ignored)")
+    strays = [value for kind, value in order if kind == "FILE" and file_folders[value] in series_folders]
+    for value in strays:
+        order.remove(("FILE", value))
+        if warnings is not None:
+            warnings.append(f"{INPUT}/{value} is not DICOM and lies beside a DICOM series: kept in the input, "
+                            "not given to the algorithm")
     return [series_input(n, series[value].name, value, counts[value]) if kind == "DICOM"
             else InputRecord(id=f"in-{n}", type="FILE", path=f"{INPUT}/{value}")
             for n, (kind, value) in enumerate(order, 1)]
@@ -591,7 +611,7 @@ def submit(inbox: Path, paths: Iterable[Path], *, algorithm: str | None = None,
     try:
         manifest = JobManifest(id=sdir.name, algorithm=algorithm, settings=dict(settings or {}), source=source,
                                **fields)
-        manifest.inputs = place_inputs([Path(p) for p in paths], sdir / INPUT, how=how)
+        manifest.inputs = place_inputs([Path(p) for p in paths], sdir / INPUT, how=how, warnings=manifest.warnings)
         commit(inbox, sdir, manifest, index=index)
     except BaseException:
         discard(sdir)
@@ -652,7 +672,7 @@ def _build_adopted(inbox: Path, sdir: Path, index: JobIndex | None) -> JobManife
                            settings=request.get("settings", {}), refused=request.get("refused"))
     try:
         manifest.inputs = place_inputs(items, sdir / INPUT, how="link", base=dropped,
-                                       skip=[request_file] if request_file else [])
+                                       skip=[request_file] if request_file else [], warnings=manifest.warnings)
     except InvalidInput as exc:
         # Keep the drop: it becomes a failed job whose folder holds what was dropped (nothing is lost).
         manifest.refused = exc.reason
@@ -825,6 +845,12 @@ def lock_path(inbox: Path, name: str) -> Path:
     return inbox / LOCKS / f"{name}.lock"
 
 
+def send_lock_path(inbox: Path, job_id: str, destination: str) -> Path:
+    """The lock of one job's send to one destination (the sender's claim, ``send-<job>-<destination>``)."""
+    safe = "".join(c if c.isalnum() else "_" for c in destination)
+    return lock_path(inbox, f"send-{job_id}-{safe}")
+
+
 def try_lock(path: Path) -> FileLock | None:
     """Take the OS lock at ``path`` without waiting; None if someone holds it (OSError if it cannot be made)."""
     lock = FileLock(path, timeout=0, thread_local=False, preserve_lock_file=True)
@@ -974,6 +1000,111 @@ def update_finished(inbox: Path, outbox: Path, job_id: str, change: Callable[[Jo
         write_manifest(job_dir, manifest)
     _record(index, manifest, "outbox")
     return manifest
+
+
+PURGING = ".purging"  # in the outbox: finished jobs on their way out by a retention rule (issue 11)
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What :func:`purge` did with one finished job: removed it (``kept`` is None), or why it stayed."""
+
+    job_id: str
+    manifest: JobManifest | None = None
+    kept: str | None = None
+
+
+def purge(inbox: Path, outbox: Path, job_id: str, *, keep: Callable[[JobManifest], str | None],
+          dry_run: bool = False) -> Purged:
+    """Remove a finished job from the outbox with its lock files: design.md's one deletion, by a retention rule.
+
+    The job's lock and the locks of its sends are taken first; a job whose lock another process holds stays,
+    and so does one whose sends are pending (``JobManifest.sending``) or that ``keep``, asked with the
+    manifest read again under the lock, gives a reason to keep (no longer old enough). A job removed leaves
+    the outbox whole by one rename into ``outbox/.purging``; its lock files are deleted while held (filelock
+    keeps them on purpose, but this job will never be locked again), so a process that opened one meanwhile
+    finds no job once it has the lock. The caller records the removal (index, audit log) and then deletes the
+    folder with :func:`delete_purged`; what a crash leaves there, :func:`purged_leftovers` names for the next
+    purge to record and delete. ``dry_run`` changes nothing.
+    """
+    if not (outbox / job_id / JOB_FILE).is_file():  # looked at first: a lock taken would leave a new lock file
+        return Purged(job_id, kept="it is not in the outbox")
+    lock = try_lock(lock_path(inbox, job_id))
+    if lock is None:
+        return Purged(job_id, kept="its lock is held by another process")
+    held = [lock]
+    try:
+        job_dir = outbox / job_id
+        try:
+            manifest = read_manifest(job_dir)
+        except FileNotFoundError:
+            return Purged(job_id, kept="it is not in the outbox")
+        except DamagedManifest as exc:
+            return Purged(job_id, kept=f"its job.yaml is damaged ({exc.problem})")
+        reason = "its sends are pending" if manifest.sending else keep(manifest)
+        if reason is not None:
+            return Purged(job_id, manifest, kept=reason)
+        send_locks = [send_lock_path(inbox, job_id, name) for name in manifest.sends]
+        for path in send_locks:
+            send = try_lock(path)
+            if send is None:
+                return Purged(job_id, manifest, kept="a send of it is under way")
+            held.append(send)
+        if dry_run:
+            return Purged(job_id, manifest)
+        trash = outbox / PURGING
+        trash.mkdir(exist_ok=True)
+        # No fsync: a removal that a power cut undoes leaves the job whole, for the next sweep to remove.
+        os.rename(job_dir, trash / job_id)
+        crash_point("purge.moved")
+        for path in [lock_path(inbox, job_id), *send_locks]:
+            path.unlink(missing_ok=True)
+        log.debug("job %s: moved out of the outbox to be purged", job_id)
+        return Purged(job_id, manifest)
+    finally:
+        for each in held:
+            each.release()
+
+
+def purged_leftovers(outbox: Path) -> list[str]:
+    """The jobs in ``outbox/.purging``: out of the outbox, their removal not yet recorded (a purge crashed)."""
+    try:
+        return sorted(n for n in os.listdir(outbox / PURGING) if is_job_id(n))
+    except FileNotFoundError:
+        return []
+
+
+def delete_purged(outbox: Path, job_ids: Iterable[str]) -> None:
+    """Delete jobs that :func:`purge` moved out, once their removal is recorded; the folder too once empty."""
+    trash = outbox / PURGING
+    for job_id in job_ids:
+        shutil.rmtree(trash / job_id, ignore_errors=True)
+    try:
+        os.rmdir(trash)
+    except OSError:
+        pass  # not empty: another purge is under way, and deletes its own
+
+
+def save_preview(inbox: Path, outbox: Path, job_id: str, png: bytes, *,
+                 index: JobIndex | None = None) -> JobManifest:
+    """Put a finished job's contour preview at :data:`PREVIEW` and name it in its job.yaml (issue 11).
+
+    Under the job's lock, as every change to a finished job: the PNG is written under a hidden temporary name
+    and renamed, then job.yaml says where it is, so a reader sees either no preview or a whole one.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the job is no longer in the outbox (removed by retention meanwhile).
+    """
+    def change(manifest: JobManifest) -> None:
+        path = outbox / job_id / PREVIEW
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, png)
+        crash_point("preview.written")
+        manifest.preview = PREVIEW
+
+    return update_finished(inbox, outbox, job_id, change, index=index)
 
 
 def finish(claim: Claim, outbox: Path, outputs: list[OutputRecord] | None = None) -> Path:

@@ -72,6 +72,19 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
         return AddedOutputs(outputs)
     from .writers.outputs import write_dicom_outputs  # pydicom/highdicom/cv2: only for DICOM jobs
 
+    # An algorithm that writes its own RTSTRUCT (PlatiPy's convert_nifti) gets no second, automatic one:
+    # a planning system would receive both.
+    own = _own_kinds(outputs)
+    kinds = tuple(k for k in alg.outputs if k not in own)
+    if own & set(alg.outputs):
+        note = (f"the algorithm returned its own {', '.join(sorted(k.upper() for k in own))}: "
+                f"no automatic {', '.join(k.upper() for k in alg.outputs if k in own)} written")
+        log.info("job %s: %s", job_id, note)
+        if log_line is not None:
+            log_line(note)
+    if not kinds:
+        return AddedOutputs(outputs)
+
     added: list[DataObject] = []
     checks: dict[str, dict[str, float]] = {}
     timings: dict[str, float] = {}
@@ -83,7 +96,7 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
         if not masks:
             continue
         result = write_dicom_outputs(
-            Path(series.path), masks, work_dir / f"dicom-{series.id}", kinds=tuple(alg.outputs),
+            Path(series.path), masks, work_dir / f"dicom-{series.id}", kinds=kinds,
             structures={**alg.structures, **(structures or {})}, min_dice=alg.min_dice, algorithm_name=alg.name,
             uid_seed=f"{job_id}/{series.id}" if job_id else None, on_written=on_written,
         )
@@ -99,6 +112,30 @@ def add_dicom_outputs(alg: AlgorithmConfig, inputs: list[DataObject], outputs: l
             added.append(DataObject(type="DICOM", path=str(path), parent=series,
                                     meta_data={"kind": kind, "name": f"{series.id}-{path.name}"}))
     return AddedOutputs(outputs + added, checks, timings)
+
+
+def _own_kinds(outputs: list[DataObject]) -> set[str]:
+    """The output kinds (``rtstruct``, ``seg``) among the algorithm's own DICOM outputs, by their Modality."""
+    import pydicom
+
+    found: set[str] = set()
+    for o in outputs:
+        if o.type != "DICOM":
+            continue
+        path = Path(o.path)
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            try:
+                ds = pydicom.dcmread(file, stop_before_pixels=True, specific_tags=["Modality"])
+            except Exception:  # not DICOM after all, or unreadable: not one of ours to skip for
+                continue
+            kind = _MODALITY_KINDS.get(str(ds.get("Modality", "")).upper())
+            if kind is not None:
+                found.add(kind)
+    return found
+
+
+_MODALITY_KINDS = {"RTSTRUCT": "rtstruct", "SEG": "seg"}
 
 
 def _masks(outputs: list[DataObject]) -> list[DataObject]:

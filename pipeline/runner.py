@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import selectors
 import shlex
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import threading
@@ -57,6 +59,9 @@ class Child:
     def __init__(self, alg: AlgorithmConfig) -> None:
         self.alg = alg
         self.jobs = 0
+        # The algorithm's module file and its [mtime_ns, size] as the child imported it (from its first reply).
+        self.source: str | None = None
+        self.source_stamp: list[int] | None = None
         env = dict(os.environ, POSTBOX_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
         package_root = _PACKAGE_ROOT
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -79,6 +84,16 @@ class Child:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def stale(self) -> bool:
+        """True when the algorithm's source file changed since this child imported it (service.py edited)."""
+        if self.source is None or self.source_stamp is None:
+            return False
+        try:
+            st = os.stat(self.source)
+        except OSError:
+            return True
+        return [st.st_mtime_ns, st.st_size] != self.source_stamp
 
     def run(self, job_id: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one job and wait for its reply; AlgorithmFailed on timeout or death."""
@@ -173,8 +188,11 @@ class ChildPool:
             while idle:
                 child = idle.pop()
                 if child.alive() and child.alg == alg:
-                    self._busy.add(child)
-                    return child
+                    if not child.stale():
+                        self._busy.add(child)
+                        return child
+                    log.info("algorithm %s: %s changed; a fresh process takes the next job", alg.name,
+                             Path(child.source or "").name)
                 child.kill()
             child = Child(alg)
             self._busy.add(child)
@@ -222,7 +240,14 @@ def run_python(pool: ChildPool, alg: AlgorithmConfig, job_id: str, inputs: list[
     except BaseException:
         pool.discard(child)
         raise
-    pool.give_back(child)
+    if reply.get("ok") or is_disk_full_errno(reply.get("errno")):
+        if reply.get("ok"):
+            child.source, child.source_stamp = reply.get("source"), reply.get("source_stamp")
+        pool.give_back(child)  # a full disk is no fault of the process: it stays warm while the job waits
+    else:
+        # The function raised: it may have left its process half-changed (a global, a GPU), so a fresh
+        # process takes the next job, as the README says.
+        pool.discard(child)
     if not reply.get("ok"):
         if is_disk_full_errno(reply.get("errno")):
             # The algorithm's own write met a full disk: the job waits for space, its attempt not counted.
@@ -236,37 +261,73 @@ def run_python(pool: ChildPool, alg: AlgorithmConfig, job_id: str, inputs: list[
     return outputs, timings
 
 
+#: The command form's placeholders, each with what it stands for (the README lists them).
+PLACEHOLDERS = {
+    "input": "the job's input folder",
+    "input_file": "the job's one input file (a job of one file only)",
+    "series": "the job's first DICOM series folder (a DICOM job only)",
+    "output": "an empty folder; every entry written there becomes an output",
+    "settings": "a JSON file of the merged settings",
+    "working_dir": "the job's working folder",
+    "job_id": "the job's id",
+}
+#: How much of a failed command's stderr its job's error quotes.
+_TAIL_LINES, _TAIL_LINE_CHARS, _TAIL_BYTES = 5, 200, 8192
+# An absolute path, up to its last part: a job's error names files, not the server's folders (issue 9).
+_FOLDERS = re.compile(r"(?<![^\s'\"(=:,\[])/(?:[^\s/'\"]+/)+")
+
+
 def run_command(alg: AlgorithmConfig, job_id: str, input_dir: Path, working_dir: Path, settings: dict[str, Any],
-                log_path: Path, timeout: float,
-                stop: threading.Event | None = None) -> tuple[list[DataObject], dict[str, float]]:
-    """Run a command-line algorithm; every entry it writes to ``{output}`` becomes an output."""
+                log_path: Path, timeout: float, stop: threading.Event | None = None,
+                inputs: list[DataObject] | None = None) -> tuple[list[DataObject], dict[str, float]]:
+    """Run a command-line algorithm; every entry it writes to ``{output}`` becomes an output.
+
+    A program given with a ``/`` (``./tools/segment.sh``) is found from the algorithm's folder (config.yaml's);
+    a bare name through PATH. When it fails, the last lines of its stderr go into the job's error.
+    """
     out_dir = working_dir / "output"
     out_dir.mkdir(exist_ok=True)
     settings_file = working_dir / "settings.json"
     settings_file.write_text(json.dumps(settings), encoding="utf-8")
     values = {"input": str(input_dir), "output": str(out_dir), "settings": str(settings_file),
               "working_dir": str(working_dir), "job_id": job_id}
+    files = [d for d in inputs or () if d.type == "FILE"]
+    if len(files) == 1 and len(inputs or ()) == 1:
+        values["input_file"] = str(files[0].path)
+    series = [d for d in inputs or () if d.type == "DICOM"]
+    if series:
+        values["series"] = str(series[0].path)
+    used = {name for arg in alg.command or () for _, name, _, _ in string.Formatter().parse(arg) if name}
+    for name, kind in (("input_file", "one input file"), ("series", "a DICOM series")):
+        if name in used and name not in values:
+            raise AlgorithmFailed(job_id, f"the command's {{{name}}} needs a job of {kind}; this job has "
+                                          f"{len(series)} DICOM series and {len(files)} file(s) as input")
     try:
         argv = [arg.format(**values) for arg in alg.command or ()]
     except (KeyError, IndexError, ValueError) as exc:
         raise AlgorithmFailed(job_id, f"command has an unknown placeholder {exc} "
-                                      f"(known: {', '.join('{' + k + '}' for k in values)})") from None
+                                      f"(known: {', '.join('{' + k + '}' for k in PLACEHOLDERS)})") from None
+    exe = argv[0]
+    if "/" in exe and not os.path.isabs(exe):
+        argv[0] = str(Path(alg.search_path or working_dir) / exe)
     with open(log_path, "ab") as logfh:
         logfh.write(f"$ {shlex.join(argv)}\n".encode())
         logfh.flush()
         started = time.time()
-        exe = argv[0]
-        if not ((working_dir / exe).is_file() if os.sep in exe else shutil.which(exe)):
-            raise AlgorithmFailed(job_id, f"command {exe!r} cannot start: not found")
+        if not (Path(argv[0]).is_file() if "/" in exe else shutil.which(exe)):
+            where = "" if os.path.isabs(exe) else " (looked on PATH)" if "/" not in exe else \
+                " (looked in config.yaml's folder)"
+            raise AlgorithmFailed(job_id, f"command {exe!r} cannot start: not found{where}")
         env = dict(os.environ, POSTBOX_PARENT_PID=str(os.getpid()))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
             # Through the _exec shim, so the command dies with this worker (a SIGKILL included).
             proc = subprocess.Popen([sys.executable, "-m", "pipeline._exec", *argv], stdin=subprocess.DEVNULL,
-                                    stdout=logfh, stderr=subprocess.STDOUT, cwd=working_dir, env=env,
+                                    stdout=logfh, stderr=subprocess.PIPE, cwd=working_dir, env=env,
                                     start_new_session=True)
         except OSError as exc:
-            raise AlgorithmFailed(job_id, f"command {argv[0]!r} cannot start: {exc.strerror}") from None
+            raise AlgorithmFailed(job_id, f"command {exe!r} cannot start: {exc.strerror}") from None
+        stderr = _StderrTail(proc, logfh)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -276,17 +337,55 @@ def run_command(alg: AlgorithmConfig, job_id: str, input_dir: Path, working_dir:
                 if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+                    stderr.join()
                     if stop is not None and stop.is_set():
                         raise AlgorithmFailed(job_id, "interrupted: the worker is stopping") from None
                     raise AlgorithmFailed(job_id, f"timed out after {timeout:g} s; its process group was killed") \
                         from None
+        stderr.join()
     ended = time.time()
     if proc.returncode != 0:
         if free_bytes(working_dir) < _NEARLY_FULL:
             raise DiskFull(f"the command of job {job_id} failed ({describe_exit(proc.returncode)}) "
                            "with its filesystem full")
-        raise AlgorithmFailed(job_id, f"command {argv[0]!r} failed ({describe_exit(proc.returncode)})")
+        tail = stderr.last_lines()
+        raise AlgorithmFailed(job_id, f"command {exe!r} failed ({describe_exit(proc.returncode)})"
+                                      + (f"; the end of its stderr: {tail}" if tail else ""))
     outputs = [DataObject(type="DICOM" if looks_like_dicom(p) else "FILE", path=str(p))
                for p in sorted(out_dir.iterdir()) if not p.name.startswith(".")]
     return outputs, {"algorithm_started": started, "algorithm_ended": ended, "load_seconds": 0.0}
 
+
+class _StderrTail:
+    """Copies a command's stderr into its job's log as it comes, keeping the last bytes for the job's error."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], logfh: Any) -> None:
+        self._pipe = proc.stderr
+        self._logfh = logfh
+        self._tail = b""
+        self._thread = threading.Thread(target=self._copy, name=f"stderr-{proc.pid}", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        assert self._pipe is not None
+        try:
+            while chunk := os.read(self._pipe.fileno(), 65536):
+                self._tail = (self._tail + chunk)[-_TAIL_BYTES:]
+                try:
+                    self._logfh.write(chunk)
+                    self._logfh.flush()
+                except (OSError, ValueError):
+                    pass  # job.log on a full disk: the tail still makes the error
+        except OSError:
+            pass
+
+    def join(self) -> None:
+        """Wait for the pipe's end (the command's whole group has gone), then close it."""
+        self._thread.join(timeout=5)  # a grandchild that left the group may hold the pipe: do not hang on it
+        if not self._thread.is_alive() and self._pipe is not None:
+            self._pipe.close()
+
+    def last_lines(self) -> str:
+        """The last lines of stderr, each cut short, without the server's folders; "" when it wrote nothing."""
+        lines = [line.strip() for line in self._tail.decode("utf-8", "replace").splitlines() if line.strip()]
+        return " | ".join(_FOLDERS.sub("", line)[:_TAIL_LINE_CHARS] for line in lines[-_TAIL_LINES:])

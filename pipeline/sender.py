@@ -224,8 +224,7 @@ class Sender:
 
     def _attempt(self, job_id: str, name: str) -> None:
         cfg = self.config
-        safe = "".join(c if c.isalnum() else "_" for c in name)
-        lock = jobs.try_lock(jobs.lock_path(cfg.inbox, f"send-{job_id}-{safe}"))
+        lock = jobs.try_lock(jobs.send_lock_path(cfg.inbox, job_id, name))
         if lock is None:
             return  # another service on this inbox is sending it now
         try:

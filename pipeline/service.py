@@ -22,6 +22,7 @@ from .errors import PostboxError
 from .health import Health
 from .index import Index
 from .logs import configure_logging
+from .systemd import notify
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -77,7 +78,7 @@ class Service:
         if dicom_listener_aetitle is not None:
             dicom["ae_title"] = dicom_listener_aetitle
         cfg = load_config(config, http=http, dicom=dicom)
-        configure_logging("DEBUG" if debug else cfg.log_level)
+        configure_logging("DEBUG" if debug else cfg.log_level, cfg.log_format)
         return self.serve(cfg)
 
     def serve(self, cfg: Config) -> int:
@@ -105,6 +106,10 @@ class Service:
         if node is not None and http is not None:
             # A series an HTTP dataset waits for (dicom_retrieve SEND or MOVE) goes to that dataset.
             node.claimers.append(http.attach_series)  # type: ignore[attr-defined]
+        retention = by_name.get("retention")
+        if retention is not None and http is not None:
+            # Jobs removed by retention take their HTTP records (site datasets, output data objects) with them.
+            retention.forgetters.append(http.forget_jobs)  # type: ignore[attr-defined]
         ports = {door.name: info for door in doors if (info := door.ready_info()) is not None}
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -133,9 +138,13 @@ class Service:
                     ready = ReadyFile.write(cfg.inbox, ports)
                     for door in doors:
                         door.on_ready()
+                    # Type=notify (contrib/postbox.service): systemd counts the service started from here on.
+                    notify("READY=1", "STATUS=serving: " + (", ".join(f"{k} port {v['port']}" for k, v in ports.items())
+                                                            or "the inbox only"))
                 if not thread.is_alive():
                     break
         finally:
+            notify("STOPPING=1")
             # Stop claiming first, so nothing new starts while the doors close; then the doors (a hung send is
             # aborted, its state stays pending); each within what is left of worker.stop_timeout.
             deadline = time.monotonic() + cfg.worker.stop_timeout
@@ -175,6 +184,13 @@ class Service:
             from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
 
             made.append((HttpServer(cfg, index, health), f"{cfg.http.host}:{cfg.http.port}"))
+        if cfg.retention.rules:  # issue 11: without a rule every job is kept, and nothing sweeps
+            from .retention import Retention
+
+            made.append((Retention(cfg, index), ""))
+        from .preview import PreviewMaker  # issue 11: each finished job's contour preview, after its sends
+
+        made.append((PreviewMaker(cfg, index), ""))
         started: list[Door] = []
         for door, address in made:
             try:

@@ -387,7 +387,7 @@ class Worker:
             raise _Stopping()
         if alg.command is not None:
             return run_command(alg, claim.job_id, claim.job_dir / jobs.INPUT, claim.work_dir, settings,
-                               claim.log_path, timeout, stop=self._stop)
+                               claim.log_path, timeout, stop=self._stop, inputs=inputs)
         try:
             return run_python(self._pool, alg, claim.job_id, inputs, claim.work_dir, settings, claim.log_path,
                               timeout)

@@ -21,7 +21,7 @@ from pipeline.algorithms import merge_settings
 from pipeline.config import AlgorithmConfig
 from pipeline.errors import InvalidInput
 
-# The seed's template, byte for byte but for its import lines (platipy.framework -> pipeline, no celery).
+# The seed's template, byte for byte but for its import lines (platipy.backend -> pipeline, no celery).
 SERVICE_PY = '''
 import os
 
@@ -185,3 +185,69 @@ def test_a_missing_command_fails_its_job_clearly(site: Site, tmp_path: Path) -> 
     job_id = site.cli("submit", str(payload)).stdout.strip()
     site.done(1)
     assert "command 'no-such-tool-anywhere' cannot start: not found" in read_job(site.outbox / job_id)["error"]
+
+
+# A model's own command-line tool as a user writes one: a script beside config.yaml, named by a relative path.
+SEGMENT_SH = '''#!/bin/sh
+# usage: segment.sh IN OUT [fail]
+if [ "$3" = "fail" ]; then
+    echo "loading model" >&2
+    for i in 1 2 3 4 5 6 7; do echo "noise line $i" >&2; done
+    echo "Traceback (most recent call last):" >&2
+    echo "  File \\"$PWD/deep/inside/model.py\\", line 12, in predict" >&2
+    echo "RuntimeError: CUDA out of memory" >&2
+    exit 2
+fi
+echo "this goes to stdout"
+ls "$1" > "$2/listing.txt"
+'''
+
+
+def test_command_form_relative_program_placeholders_and_stderr_in_the_error(site: Site, tmp_path: Path) -> None:
+    tool = site.root / "tools" / "segment.sh"
+    tool.parent.mkdir()
+    tool.write_text(SEGMENT_SH)
+    tool.chmod(0o755)
+    site.config["algorithms"] += [
+        {"name": "on-file", "command": ["./tools/segment.sh", "{input_file}", "{output}"]},
+        {"name": "on-series", "command": ["tools/segment.sh", "{series}", "{output}"]},
+        {"name": "failing", "command": ["./tools/segment.sh", "{input}", "{output}", "fail"]},
+    ]
+    site.write_config()
+    payload = tmp_path / "scan.nii.gz"
+    payload.write_bytes(b"not really")
+    phantom.write_dicom(tmp_path / "ct", phantom.axial_grid(slices=3, size=16))
+    on_file = site.cli("submit", str(payload), "--algorithm", "on-file").stdout.strip()
+    on_series = site.cli("submit", str(tmp_path / "ct"), "--algorithm", "on-series").stdout.strip()
+    file_on_series = site.cli("submit", str(tmp_path / "ct"), "--algorithm", "on-file").stdout.strip()
+    series_on_file = site.cli("submit", str(payload), "--algorithm", "on-series").stdout.strip()
+    failing = site.cli("submit", str(payload), "--algorithm", "failing").stdout.strip()
+    site.start()
+    site.done(5, timeout=60)
+    jobs = {job_id: read_job(site.outbox / job_id) for job_id in (on_file, on_series, file_on_series,
+                                                                   series_on_file, failing)}
+    # {input_file} is the one file (ls prints it back); {series} the series folder (ls lists its slices).
+    assert (site.outbox / on_file / "output" / "listing.txt").read_text().strip().endswith("/scan.nii.gz")
+    assert len((site.outbox / on_series / "output" / "listing.txt").read_text().split()) == 3
+    assert jobs[on_file]["status"] == jobs[on_series]["status"] == "done"
+    assert "{input_file} needs a job of one input file" in jobs[file_on_series]["error"]
+    assert "{series} needs a job of a DICOM series" in jobs[series_on_file]["error"]
+    error = jobs[failing]["error"]
+    assert "command './tools/segment.sh' failed (exit code 2); the end of its stderr: " in error
+    assert error.endswith('noise line 6 | noise line 7 | Traceback (most recent call last): | '
+                          'File "model.py", line 12, in predict | RuntimeError: CUDA out of memory'), error
+    assert str(site.root) not in error and "loading model" not in error
+    log = (site.outbox / failing / "job.log").read_text()
+    assert "loading model" in log and "CUDA out of memory" in log  # the whole stderr stays in job.log
+
+
+def test_a_relative_program_that_is_not_there_fails_naming_where_it_looked(site: Site, tmp_path: Path) -> None:
+    site.config["algorithms"].append({"name": "gone", "command": ["./tools/gone.sh", "{input}"]})
+    site.write_config(default_algorithm="gone")
+    payload = tmp_path / "p.txt"
+    payload.write_text("x")
+    job_id = site.cli("submit", str(payload)).stdout.strip()
+    site.start()
+    site.done(1)
+    error = read_job(site.outbox / job_id)["error"]
+    assert "command './tools/gone.sh' cannot start: not found (looked in config.yaml's folder)" in error

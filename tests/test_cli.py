@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,40 @@ def test_submit_then_status(site: Site, tmp_path: Path) -> None:
     site.done(1)
     assert json.loads(site.cli("status", "--json").stdout)[0]["status"] == "done"
     assert site.cli("status", "20990101T000000-00000000", check=False).returncode == 2
+
+
+def test_without_a_config_only_run_and_initdb_set_up_a_folder(tmp_path: Path) -> None:
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "POSTBOX_CONFIG"}
+
+    def postbox(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "facade.cli", *args], cwd=here, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    (tmp_path / "scan.txt").write_text("x")
+    for args in (["status"], ["status", "--json"], ["submit", str(tmp_path / "scan.txt")], ["audit"],
+                 ["manage", "key", "--list"], ["manage", "key", "--add", "desk"]):
+        proc = postbox(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "no config found" in proc.stderr and str(here) in proc.stderr
+        assert "--config" in proc.stderr and "$POSTBOX_CONFIG" in proc.stderr and "config.yaml" in proc.stderr
+        assert list(here.iterdir()) == [], f"postbox {' '.join(args)} created {list(here.iterdir())}"
+    # What needs no config works without one.
+    assert postbox("phantom", "ct", "--slices", "2", "--size", "16").returncode == 0
+    assert postbox("manage", "certs", "pki").returncode == 0
+    assert sorted(p.name for p in here.iterdir()) == ["ct", "pki"]
+    # A config named by $POSTBOX_CONFIG is found from anywhere.
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "config.yaml").write_text("dicom: {enabled: false}\n")
+    env["POSTBOX_CONFIG"] = str(site_dir / "config.yaml")
+    assert postbox("status").returncode == 0 and (site_dir / "inbox").is_dir()
+    del env["POSTBOX_CONFIG"]
+    # initdb (as manage run) sets up the folder it runs in, on the embedded defaults.
+    init = postbox("manage", "initdb")
+    assert init.returncode == 0, init.stderr
+    assert {"inbox", "outbox"} <= {p.name for p in here.iterdir()}
 
 
 @pytest.mark.parametrize("fmt", ["dicom", "nifti"])

@@ -45,6 +45,8 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "send.claimed": ("dicom",),
     "send.stored": ("dicom",),
     "send.recorded": ("dicom",),
+    "purge.moved": ("purge",),
+    "preview.written": ("preview",),
 }
 CASES = [(point, door) for point, doors in SCENARIOS.items() for door in doors]
 
@@ -175,6 +177,10 @@ def test_kill_at_crash_point_then_restart_ends_each_job_once(site: Site, point: 
         _dicom(site, point, series, destination)
     elif door == "cli":
         _cli(site, point, payload)
+    elif door == "purge":
+        _purge(site, point, payload)
+    elif door == "preview":
+        _preview(site, point, series)
     else:
         _folder(site, point, payload)
 
@@ -223,6 +229,46 @@ def _cli(site: Site, point: str, payload: Path) -> None:
     assert runs_per_job(site) == {job_id: 1}, "the algorithm ran once: a finished job is not run again"
     counted = {"claim": 1, "start_attempt": 2}.get(point, 1)
     assert job["attempts"] == counted, (point, ran_before_crash)
+
+
+def _purge(site: Site, point: str, payload: Path) -> None:
+    """A purge killed once the job is out of the outbox: the next purge records it (index, audit) and deletes it."""
+    import json
+
+    from pipeline import jobs
+    from pipeline.index import Index
+
+    proc = site.start()
+    job_id = site.cli("submit", str(payload)).stdout.strip()
+    site.done(1)
+    assert site.stop(proc) == 0
+    jobs.update_finished(site.inbox, site.outbox, job_id, lambda m: setattr(m, "finished", "2020-01-01T00:00:00+00:00"),
+                         index=Index(site.root / "postbox.db.json"))
+    killed = subprocess.run([*site.cli_argv(), "manage", "purge", "--older-than", "1"], env=crash_env(site, point),
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (site.outbox / job_id).exists() and (site.outbox / ".purging" / job_id).is_dir()
+    done = site.cli("manage", "purge", "--older-than", "1")
+    assert not (site.outbox / ".purging").exists(), done.stderr
+    assert json.loads(site.cli("status", "--json").stdout) == []
+    audit = [json.loads(line) for line in site.cli("audit", "--json").stdout.splitlines()]
+    assert [(e["action"], e["job"]) for e in audit if e["action"] == "purge"] == [("purge", job_id)]
+
+
+def _preview(site: Site, point: str, series: list[Path]) -> None:
+    """Killed between the preview's rename and job.yaml naming it (issue 11): the job stays done, run once; the
+    PNG is whole but not named, so nothing shows a preview that job.yaml does not vouch for."""
+    site.config["algorithms"][0] = {"name": "noop", "function": "testalgos:lungs", "outputs": ["rtstruct"]}
+    site.write_config()
+    proc = site.start(crash_env(site, point))
+    job_id = site.cli("submit", str(series[0].parent)).stdout.strip()
+    died_at_point(proc, site)
+    assert (site.outbox / job_id / "output" / "preview.png").is_file()
+    assert not list((site.outbox / job_id / "output").glob(".*")), "no temporary file left"
+    site.start()
+    [job] = check_each_job_once(site, 1)
+    assert job["id"] == job_id and job.get("preview") is None
+    assert runs_per_job(site) == {job_id: 1}
 
 
 def _folder(site: Site, point: str, payload: Path) -> None:

@@ -141,3 +141,37 @@ def test_platipy_style_algorithm_writing_its_own_rtstruct(site: Site, tmp_path: 
     rt = pydicom.dcmread(job_dir / "output" / "RS.dcm")
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["auto_contour"]
     assert dciodvfy_errors(job_dir / "output" / "RS.dcm") == []
+
+
+# The seed's template as a user extends it: its own RTSTRUCT, and the mask it made it from.
+OWN_RTSTRUCT_AND_MASK_SERVICE = PLATIPY_RTSTRUCT_SERVICE.replace(
+    "        output_objects.append(DataObject(type=\"DICOM\", path=output_file, parent=d))\n",
+    "        output_objects.append(DataObject(type=\"DICOM\", path=output_file, parent=d))\n"
+    "        mask_file = os.path.join(working_dir, settings[\"outputContourName\"] + \".nii.gz\")\n"
+    "        sitk.WriteImage(mask, mask_file)\n"
+    "        output_objects.append(DataObject(type=\"FILE\", path=mask_file, parent=d))\n",
+)
+
+
+def test_an_algorithm_writing_its_own_rtstruct_gets_no_second_one(site: Site, tmp_path: Path) -> None:
+    assert OWN_RTSTRUCT_AND_MASK_SERVICE != PLATIPY_RTSTRUCT_SERVICE
+    (site.root / "rsservice.py").write_text(OWN_RTSTRUCT_AND_MASK_SERVICE)
+    site.config["algorithms"].append({"name": "rs", "function": "rsservice:run", "outputs": ["rtstruct", "seg"],
+                                      "default_settings": {"outputContourName": "auto_contour"}})
+    site.write_config(default_algorithm="rs")
+    job_dir = drop_series(site, tmp_path, phantom.axial_grid(slices=10, size=64))
+    job = read_job(job_dir)
+    assert job["status"] == "done", (job_dir / "job.log").read_text()
+    dicom = [o for o in job["outputs"] if o["type"] == "DICOM"]
+    modalities = sorted(pydicom.dcmread(job_dir / o["path"], stop_before_pixels=True).Modality for o in dicom)
+    assert modalities == ["RTSTRUCT", "SEG"], job["outputs"]  # its own RTSTRUCT, and the automatic SEG only
+    assert "output/RS.dcm" in [o["path"] for o in dicom]
+    assert "no automatic RTSTRUCT written" in (job_dir / "job.log").read_text()
+
+
+def test_outputs_empty_writes_no_dicom_outputs(site: Site, tmp_path: Path) -> None:
+    bundled(site, outputs=[])
+    job_dir = drop_series(site, tmp_path, phantom.axial_grid(slices=10, size=64))
+    job = read_job(job_dir)
+    assert job["status"] == "done", (job_dir / "job.log").read_text()
+    assert [o["type"] for o in job["outputs"]] == ["FILE"] * 3

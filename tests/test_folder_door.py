@@ -90,11 +90,33 @@ def test_dicom_grouped_by_series_by_content_and_junk_ignored(site: Site, tmp_pat
     files = [i for i in job["inputs"] if i["type"] == "FILE"]
     assert [d["meta_data"]["instances"] for d in dicom] == [4, 4]
     assert len({d["meta_data"]["series_instance_uid"] for d in dicom}) == 2
-    assert [f["path"] for f in files] == ["input/mixed/notes.txt"]
+    # A stray file beside the series is kept in the input, given to no algorithm, and warned about.
+    assert files == [] and (job_dir / "input" / "mixed" / "notes.txt").read_text() == "hello"
+    assert job["status"] == "done" and len(job["warnings"]) == 1 and "input/mixed/notes.txt" in job["warnings"][0]
     for d in dicom:
         assert len(list((job_dir / d["path"]).iterdir())) == 4
     names = {p.name for p in (job_dir / "input").rglob("*")}
     assert not names & {".DS_Store", "x.tmp", "y.part", "~lock"}
+
+
+def test_a_stray_file_beside_a_series_is_kept_and_the_series_runs(site: Site, tmp_path: Path) -> None:
+    use_bundled(site)
+    series = tmp_path / "ct"
+    phantom.write_dicom(series, phantom.axial_grid(slices=12, size=48))
+    (series / "notes.txt").write_text("scanned on the old CT")
+    site.start()
+    shutil.copytree(series, site.inbox / "ct")  # the folder door
+    submitted = site.cli("submit", str(series)).stdout.strip()  # and the command line
+    for job_dir in site.done(2, timeout=60):
+        job = read_job(job_dir)
+        assert job["status"] == "done", job["error"]
+        assert [i["type"] for i in job["inputs"]] == ["DICOM"]
+        assert (job_dir / "input" / "ct" / "notes.txt").read_text() == "scanned on the old CT"
+        assert job["warnings"] == ["input/ct/notes.txt is not DICOM and lies beside a DICOM series: kept in the "
+                                   "input, not given to the algorithm"]
+        assert sorted(Path(o["path"]).name for o in job["outputs"]) == ["body.nii.gz", "lung_left.nii.gz",
+                                                                        "lung_right.nii.gz"]
+    assert submitted in [p.name for p in outbox_jobs(site.outbox)]
 
 
 def test_dropped_folder_with_its_own_job_yaml(site: Site, tmp_path: Path) -> None:

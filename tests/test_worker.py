@@ -184,6 +184,39 @@ def test_max_jobs_per_child_recycles(site: Site, payload: Path) -> None:
     assert len({r["pid"] for r in site.runs()}) == 2
 
 
+def test_a_warm_child_is_recycled_after_it_raised_and_when_its_source_changed(site: Site, payload: Path) -> None:
+    site.config["algorithms"].append({"name": "versioned", "function": "testalgos:versioned",
+                                      "default_settings": {"fail": False}})
+    site.write_config(default_algorithm="versioned")
+    site.start()
+
+    def run(*args: str) -> tuple[dict, str]:
+        job_id = submit(site, payload, *args)
+        [job_dir] = wait_for(lambda: [p for p in outbox_jobs(site.outbox) if p.name == job_id], 30,
+                             what=f"job {job_id}")
+        pid = [r["pid"] for r in site.runs() if r["job"] == job_id][0]
+        return read_job(job_dir), str(pid)
+
+    one, pid1 = run()
+    two, pid2 = run()
+    assert one["status"] == two["status"] == "done" and pid1 == pid2  # warm: one process for both
+    failed, pid3 = run("--settings", '{"fail": true}')
+    assert failed["status"] == "failed" and "asked to fail" in failed["error"] and pid3 == pid1
+    after, pid4 = run()
+    assert after["status"] == "done" and pid4 != pid3, "a child whose function raised took another job"
+    same, pid5 = run()
+    assert pid5 == pid4  # warm again
+
+    source = site.root / "testalgos.py"
+    source.write_text(source.read_text().replace("VERSION = 1 ", "VERSION = 22 "))  # a new size as well
+    edited, pid6 = run()
+    assert edited["status"] == "done" and pid6 != pid5, "the old code ran after testalgos.py was edited"
+    job_dir = site.outbox / edited["id"]
+    assert (job_dir / "output" / "version.txt").read_text() == "22"
+    imports = (site.evidence / "imports.log").read_text().split()
+    assert [imports.count(p) for p in (pid1, pid4, pid6)] == [1, 1, 1]
+
+
 def test_max_parallel_caps_an_algorithm(site: Site, payload: Path) -> None:
     site.config["algorithms"][1]["max_parallel"] = 1
     site.write_config(worker={"processes": 3})

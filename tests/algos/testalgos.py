@@ -60,6 +60,19 @@ def returns_junk(data_objects, working_dir, settings):
     return "not a list"
 
 
+VERSION = 1  # a test edits this line to prove an edited module reaches the next job
+
+
+def versioned(data_objects, working_dir, settings):
+    """Records its run and the module's VERSION; raises when ``settings["fail"]``: a warm child's afterlife."""
+    _record("versioned", data_objects, working_dir)
+    out = Path(working_dir) / "version.txt"
+    out.write_text(str(VERSION))
+    if settings.get("fail"):
+        raise ValueError("asked to fail")
+    return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
+
+
 def echo_series(data_objects, working_dir, settings):
     """Hands two instances of its input series back as DICOM outputs: results to send, without a model."""
     _record("echo_series", data_objects, working_dir)
