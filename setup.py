@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "facade", "facade.*"]),
-    package_data={"pipeline": ["py.typed"], "facade": ["py.typed"]},
+    package_data={"pipeline": ["py.typed"], "facade": ["py.typed", "views/*.tpl", "static/*"]},
     install_requires=[
         "watchdog>=4",
         "bottle>=0.13",
@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.60",
         "cryptography>=41",
         "matplotlib>=3.7",
+        "prometheus-client>=0.17",
     ],
     extras_require={
         "test": [
@@ -39,6 +40,7 @@ setup(
             "ruff>=0.5",
             "mypy>=1.10",
             "types-PyYAML",
+            "selenium>=4.10",
         ],
     },
     entry_points={"console_scripts": ["postbox = facade.cli:main"]},

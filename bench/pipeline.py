@@ -29,6 +29,8 @@ How it measures:
   ``upsert_job`` loop, as ``Index.repair`` does it, takes over a minute at 10,000), then ``update_job`` and
   ``upsert_job`` (median of 50), ``Index.jobs()`` and the ``postbox status`` CLI (median of 5),
   ``jobs.scan`` and ``Index.repair`` are timed.
+- Dashboard (issue 11): at the largest index size, with the job folders written, the time to the first byte of
+  the job list page (``GET /`` with a site key's session), cheroot serving the app in this process.
 """
 
 from __future__ import annotations
@@ -402,6 +404,56 @@ def index_run(base: Path, n: int, with_repair: bool, rows: list[Row], notes: lis
         rows.append(Row(f"`Index.repair` (worker start), {n:,} jobs in outbox, index in step", ms(rep),
                         "-", None, f"json.load of {mb:.1f} MB {ms(ref_lst)}", f"{rep / ref_lst:.1f}x"))
         notes.append(f"index {n}: wrote {n:,} outbox job folders in {make_s:.1f} s for the repair figure")
+        dashboard_run(root, n, rows, ref=f"`Index.jobs()` {ms(lst)}")
+
+
+def dashboard_run(root: Path, n: int, rows: list[Row], *, ref: str) -> None:
+    """The dashboard's job list (``GET /``, issue 11) over ``n`` indexed jobs with their folders: the time to the
+    first byte of the answer, with a site key's session, served by cheroot in this process (median of 5)."""
+    import socket
+
+    from facade.dashboard import COOKIE, LOGIN_COOKIE, PAGE_SIZE
+    from facade.server import HttpServer
+    from pipeline.config import Config
+
+    config = Config.from_dict({"inbox": "inbox", "outbox": "outbox", "database": "index.json",
+                               "http": {"port": 0, "host": "127.0.0.1"}, "dicom": {"enabled": False}},
+                              base_dir=root)
+    index = Index(root / "index.json")
+    key = index.add_key("bench-dashboard", site=True)
+    server = HttpServer(config, index)
+    server.start()
+
+    def request(raw: bytes, first_byte_only: bool = False) -> tuple[float, bytes]:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            t = time.perf_counter()
+            sock.sendall(raw)
+            data = sock.recv(1)
+            ttfb = time.perf_counter() - t
+            while piece := sock.recv(65536):
+                data += piece
+        return ttfb, data
+
+    try:
+        _, form = request(b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n")
+        pre = form.split(f"{LOGIN_COOKIE}=".encode(), 1)[1].split(b";", 1)[0].decode()
+        csrf = form.split(b'name="csrf" value="', 1)[1].split(b'"', 1)[0].decode()
+        body = f"key={key}&csrf={csrf}".encode()
+        _, signed = request(b"POST /dashboard/login HTTP/1.0\r\nHost: bench\r\nContent-Type: "
+                            b"application/x-www-form-urlencoded\r\n" + f"Cookie: {LOGIN_COOKIE}={pre}\r\n"
+                            f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        session = signed.split(f"{COOKIE}=".encode(), 1)[1].split(b";", 1)[0].decode()
+        page = f"GET / HTTP/1.0\r\nHost: bench\r\nCookie: {COOKIE}={session}\r\n\r\n".encode()
+        _, answer = request(page)  # warm-up, and a check that it is the list
+        shown = answer.count(b'class="job-link"')
+        if shown != min(n, PAGE_SIZE):
+            raise RuntimeError(f"the dashboard listed {shown} jobs on its first page, not {min(n, PAGE_SIZE)}")
+        ttfb = median(request(page)[0] for _ in range(5))
+    finally:
+        server.stop()
+    target = n >= 10_000
+    rows.append(Row(f"dashboard job list `GET /`, {n:,} jobs, time to first byte (median of 5)", ms(ttfb),
+                    "< 200 ms" if target else "-", (ttfb < 0.200) if target else None, ref, "-"))
 
 
 def repair_lost_index(base: Path, n: int, rows: list[Row]) -> None:

@@ -31,8 +31,10 @@ from . import openapi
 from ._paths import hide_paths
 from ._zipstream import CHUNK, zip_stream
 from .auth import KeyAuth, current_key
+from .dashboard import install as install_dashboard
 from .datasets import Datasets
 from .errors import NotFound, QuotaExceeded
+from .metrics import exposition
 from .uploads import ClientGone, TooLarge, read_multipart
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,10 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
         problems = health.problems()
         return json_response({"status": "degraded" if problems else "ok", "problems": problems,
                               "service": "postbox", "version": VERSION, "max_upload_mb": config.http.max_upload_mb})
+
+    @route("/metrics", auth=False)  # its own check: a site key, or an address on metrics.allowed_hosts (issue 11)
+    def metrics() -> Any:
+        return exposition(config, index, app.config.get("postbox.metrics"), _error)
 
     @route("/api/openapi.json")
     def openapi_document() -> Any:
@@ -258,6 +264,7 @@ def make_app(config: Config, index: Index, health: Health | None = None) -> bott
     for code in (400, 401, 403, 404, 405, 411, 413, 429, 500):
         app.error(code)(error_page)
     app.config["postbox.datasets"] = store
+    install_dashboard(app, config, index, audit)  # the web pages at / (issue 11)
     return app
 
 

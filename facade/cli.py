@@ -1,4 +1,4 @@
-"""The ``postbox`` command: manage (initdb, key, run, echo), submit, status, audit, phantom, send."""
+"""The ``postbox`` command: manage (initdb, key, run, echo), submit, status, audit, phantom, send, selftest."""
 
 from __future__ import annotations
 
@@ -97,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--settings", help="settings as a JSON object; keys must be the algorithm's")
     send.add_argument("--out", type=Path, default=Path("."), help="where to put the outputs (default: here)")
     send.add_argument("--verify", metavar="CA_FILE", help="use https, checking the server against this CA file")
+
+    selftest = sub.add_parser("selftest", help="acceptance on site: send a phantom through every door of the running "
+                                               "service and check the contours against its known structures")
+    selftest.add_argument("--algorithm", help="algorithm for the folder and HTTP jobs (default: default_algorithm; "
+                                              "the DICOM job takes its route's)")
+    selftest.add_argument("--tls", action="store_true",
+                          help="C-STORE over TLS, checking the node against dicom.tls's CA (client certificate: "
+                               "--tls-cert, or client.pem beside the CA as 'manage certs' writes it)")
+    selftest.add_argument("--tls-cert", type=Path, metavar="PEM", help="with --tls: our client certificate")
+    selftest.add_argument("--tls-key", type=Path, metavar="PEM", help="with --tls: its private key")
+    selftest.add_argument("--destination", metavar="NAME",
+                          help="send the DICOM job's results to this dicom.destinations entry and check it stored "
+                               "them (default: the self-test's series is sent nowhere)")
+    selftest.add_argument("--slices", type=int, default=40, help="phantom slices (default 40)")
+    selftest.add_argument("--size", type=int, default=128, help="phantom rows and columns (default 128)")
+    selftest.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each job (default 300)")
     return p
 
 
@@ -348,8 +364,27 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    from . import selftest
+
+    cfg = _config(args)
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_cert is not None and not args.tls):
+        raise InvalidInput("--tls-cert and --tls-key go together, with --tls")
+    if args.slices < 3 or args.size < 32:
+        raise InvalidInput("the phantom needs --slices >= 3 and --size >= 32")
+    options = selftest.Options(algorithm=args.algorithm, slices=args.slices, size=args.size, tls=args.tls,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key, destination=args.destination,
+                               timeout=args.timeout)
+    results = selftest.run(cfg, options)
+    print(selftest.table(results))
+    failed = [r.door for r in results if not r.ok]
+    print(f"selftest: {'FAILED at ' + ', '.join(failed) if failed else 'passed'} ({len(results)} door(s))",
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
 _COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "audit": _audit, "phantom": _phantom,
-             "send": _send}
+             "send": _send, "selftest": _selftest}
 
 if __name__ == "__main__":
     sys.exit(main())

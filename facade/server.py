@@ -43,9 +43,11 @@ from pipeline.guard import Guard, Limits, Refusal
 from pipeline.health import Health
 from pipeline.index import Index
 from pipeline.jobs import JobManifest
+from pipeline.metrics import Metrics
 
 from .app import make_app
 from .datasets import Datasets
+from .metrics import CountRequests
 from .records import forget_jobs
 
 log = logging.getLogger(__name__)
@@ -328,12 +330,17 @@ class HttpServer:
 
     name = "http"
 
-    def __init__(self, config: Config, index: Index, health: Health | None = None) -> None:
+    def __init__(self, config: Config, index: Index, health: Health | None = None, *,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         h = config.http
         self.app = make_app(config, index, health)
         self.datasets: Datasets = self.app.config["postbox.datasets"]
-        guarded = BodyGuard(self.app, upload_limit=int(h.max_upload_mb * 1e6))
+        # The service's registry (issue 11), served at GET /metrics; a door made on its own keeps one of its own.
+        self.metrics = metrics or Metrics(config, index)
+        self.app.config["postbox.metrics"] = self.metrics
+        # Counted outside the body guard, so that its refusals (413) are counted too.
+        guarded = CountRequests(BodyGuard(self.app, upload_limit=int(h.max_upload_mb * 1e6)), self.metrics)
         limits = Limits(timeout=h.header_timeout, max_bytes=int(h.max_header_kb * 1024),
                         max_per_address=h.max_connections_per_address)
         tls = config.tls_files().get("http.tls")

@@ -444,6 +444,28 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Who may read ``GET /metrics`` without a key (issue 11): addresses or CIDR blocks, matched against the
+    connection's own address (never a forwarded header). Anyone else needs a site key."""
+
+    allowed_hosts: tuple = field(default=(), metadata=_t(tuple))
+
+    def __post_init__(self) -> None:
+        networks = []
+        for i, entry in enumerate(self.allowed_hosts):
+            try:
+                networks.append(str(ipaddress.ip_network(_host_form(str(entry)), strict=False)))
+            except ValueError:
+                raise ConfigError(f"metrics.allowed_hosts[{i}]", f"must be an address or a CIDR block (such as "
+                                                                 f"10.1.0.0/16), not {entry!r}") from None
+        object.__setattr__(self, "allowed_hosts", tuple(networks))
+
+    def allows(self, address: str) -> bool:
+        """Whether a connection from ``address`` may read the metrics without a key."""
+        return bool(address) and _matches(address, list(self.allowed_hosts)) is not None
+
+
+@dataclass(frozen=True)
 class AlgorithmConfig:
     """One algorithm: a Python callable (``function``) or a command line (``command``).
 
@@ -509,6 +531,7 @@ class Config:
     dicom: DicomConfig = field(default_factory=DicomConfig, metadata=_t(dict))
     permissions: PermissionsConfig = field(default_factory=lambda: PermissionsConfig(), metadata=_t(dict))
     retention: RetentionConfig = field(default_factory=RetentionConfig, metadata=_t(dict))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=_t(dict))
     algorithms: tuple[AlgorithmConfig, ...] = field(default=(), metadata=_t(tuple))
 
     def algorithm(self, name: str) -> AlgorithmConfig | None:
@@ -571,6 +594,7 @@ class Config:
             "dicom": (DicomConfig, data.pop("dicom", None)),
             "permissions": (PermissionsConfig, data.pop("permissions", None)),
             "retention": (RetentionConfig, data.pop("retention", None)),
+            "metrics": (MetricsConfig, data.pop("metrics", None)),
         }
         raw_algorithms = data.pop("algorithms", None)
         top = _build(_Top, data, "", also_known=("algorithms", *sections))

@@ -147,6 +147,8 @@ def job_record(manifest: _jobs.JobManifest, location: str) -> dict[str, Any]:
         "dataset": manifest.dataset,
         "owner": manifest.owner,
         "sending": manifest.sending,
+        # Each destination's send state, for the metrics' pending and failed sends without reading job.yaml.
+        "sends": {name: state.status.value for name, state in manifest.sends.items()},
     }
 
 

@@ -40,6 +40,7 @@ from .errors import InvalidInput
 from .guard import Limits
 from .health import DISK_FULL, Health, Throttle, is_disk_full
 from .index import Index
+from .metrics import Metrics
 from .nodeguard import ASSOCIATE_RQ_LIMIT, GuardedServer
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,31 @@ def route_for(config: Config, called_ae: str, calling_ae: str, attributes: dict[
     if config.dicom.unrouted == "ignore":
         return None
     return Route(algorithm=config.default_algorithm)
+
+
+# Issue 11: ``postbox selftest`` sends its phantom with this calling AE title. Its series never goes on to a
+# destination unless its SeriesDescription asks for a configured one ("POSTBOX-SELFTEST send to NAME"): the
+# request travels in the series itself, so no config and no called AE title has to change for a self-test.
+SELFTEST_AE = "POSTBOX-SELFTEST"
+_SELFTEST_SEND = f"{SELFTEST_AE} send to "
+
+
+def selftest_description(destination: str | None) -> str:
+    """The SeriesDescription of a self-test phantom: asks the node to send it to ``destination``, or nowhere."""
+    return f"{_SELFTEST_SEND}{destination}" if destination else f"{SELFTEST_AE} phantom"
+
+
+def selftest_destinations(config: Config, calling_ae: str, route: Route, attributes: dict[str, Any]) -> list[Any]:
+    """Where a series' results go: the route's destinations, except for a self-test's series.
+
+    A series from :data:`SELFTEST_AE` goes to no destination at all, unless its SeriesDescription asks for
+    one by name and that name is in ``dicom.destinations`` (never an address of the sender's choosing).
+    """
+    if calling_ae.strip() != SELFTEST_AE:
+        return list(route.destinations)
+    description = str(attributes.get("SeriesDescription", ""))
+    name = description[len(_SELFTEST_SEND):].strip() if description.startswith(_SELFTEST_SEND) else ""
+    return [name] if name and name in config.dicom.destinations else []
 
 
 _RATIO_FLOOR = 64 * 10**6  # a deflated instance may always inflate this far, whatever its ratio
@@ -218,9 +244,10 @@ class DicomNode:
     name = "dicom"
 
     def __init__(self, config: Config, index: Index | None = None, health: Health | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.index = index or Index(config.database)
+        self.metrics = metrics  # issue 11: associations and instances counted, when the service publishes them
         self.health = health or Health()
         self.audit = audit or AuditLog.beside(config.database)  # a line per series received (issue 9)
         self._series: dict[tuple[str, str, str], _Series] = {}
@@ -260,6 +287,10 @@ class DicomNode:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_CONN_CLOSE, self._on_end),
         ]
+        if self.metrics is not None:
+            metrics = self.metrics
+            handlers += [(evt.EVT_ACCEPTED, lambda event: metrics.association(accepted=True)),
+                         (evt.EVT_REJECTED, lambda event: metrics.association(accepted=False))]
         allowed = {str(h) for h in dcfg.allowed_hosts}
 
         def allow(host: str) -> bool:
@@ -389,6 +420,8 @@ class DicomNode:
                     del self._series[key]
                     jobs.discard(series.staging)
         crash_point("node.stored")
+        if self.metrics is not None:
+            self.metrics.instance()
         if self.health.has(DISK_FULL):
             self.health.clear(DISK_FULL)
         return 0x0000
@@ -431,7 +464,8 @@ class DicomNode:
             # ``explicit``: a rule of dicom.routes took it (not the default for unrouted series); such a series
             # is the modality's own job and is never handed to a dataset waiting for it (issue 9).
             "route": {"algorithm": route.algorithm, "settings": dict(route.settings),
-                      "destinations": list(route.destinations), "structures": dict(route.structures),
+                      "destinations": selftest_destinations(self.config, key[0], route, attributes),
+                      "structures": dict(route.structures),
                       "explicit": any(route is rule for rule in self.config.dicom.routes)},
         }
         try:

@@ -173,17 +173,20 @@ class Service:
         DICOM is on, port or not: it delivers what this service's worker finishes, and a lock per send
         keeps two services from delivering one file twice.
         """
-        made: list[tuple[Door, str]] = []
+        from .metrics import Metrics  # issue 11: this service's own registry, counted into by the doors
+
+        metrics = Metrics(cfg, index)
+        made: list[tuple[Door, str]] = [(metrics, "")]
         if cfg.dicom.enabled:
             from .node import DicomNode
             from .sender import Sender
 
-            made.append((DicomNode(cfg, index, health), f"{cfg.dicom.host}:{cfg.dicom.port}"))
+            made.append((DicomNode(cfg, index, health, metrics=metrics), f"{cfg.dicom.host}:{cfg.dicom.port}"))
             made.append((Sender(cfg, index), ""))
         if cfg.http.enabled:
             from facade.server import HttpServer  # the outer layer, imported only by a service that serves it
 
-            made.append((HttpServer(cfg, index, health), f"{cfg.http.host}:{cfg.http.port}"))
+            made.append((HttpServer(cfg, index, health, metrics=metrics), f"{cfg.http.host}:{cfg.http.port}"))
         if cfg.retention.rules:  # issue 11: without a rule every job is kept, and nothing sweeps
             from .retention import Retention
 

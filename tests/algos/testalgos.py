@@ -122,3 +122,24 @@ def fill_to_the_brim(data_objects, working_dir, settings):
     finally:
         os.close(fd)
     return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
+
+
+def shifted(data_objects, working_dir, settings):
+    """The bundled body and lung masks moved ~5 mm along each axis, geometry kept: the RTSTRUCT matches the
+    masks (the check-back passes) but not the anatomy, which only ``postbox selftest`` can tell (issue 11)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from pipeline.bodylungs import segment
+
+    _record("shifted", data_objects, working_dir)
+    outputs = segment(data_objects, working_dir, {})
+    for out in outputs:
+        image = sitk.ReadImage(out.path)
+        array = sitk.GetArrayFromImage(image)
+        # Voxels per 5 mm, in array order (z, y, x): at least one voxel along each axis.
+        steps = [max(1, round(settings.get("mm", 5.0) / s)) for s in reversed(image.GetSpacing())]
+        moved = sitk.GetImageFromArray(ndimage.shift(array, steps, order=0, cval=0).astype(array.dtype))
+        moved.CopyInformation(image)
+        sitk.WriteImage(moved, out.path)
+    return outputs
