@@ -36,7 +36,7 @@ LATE_ALGOS = """
 import time
 
 def late_failure(data_objects, working_dir, settings):
-    time.sleep(settings["seconds"])  # the model's own work before it fails, not a test's wait
+    time.sleep(settings["seconds"])  # not a wait: the model's own work before it fails
     raise ValueError("the model gave up")
 """
 

@@ -37,7 +37,7 @@ def slow(data_objects, working_dir, settings):
     marker = Path(working_dir) / "partial-output.txt"
     marker.write_text("half done")
     while time.time() < deadline:
-        time.sleep(0.05)  # the model's own work: a long job to crash, time out or cap, not a test's wait
+        time.sleep(0.05)  # not a wait: the model's own work, a long job to crash, time out or cap
     with open(EVIDENCE / "ends.log", "a") as fh:
         fh.write(f"{Path(working_dir).parent.name} {time.time()}\n")
     return [DataObject(type="FILE", path=str(marker), parent=data_objects[0])]
