@@ -204,3 +204,23 @@ def wait_for_quiet(before: set[threading.Thread]) -> list[str]:
         if not leaked or time.monotonic() > deadline:
             return leaked
         threading.Event().wait(0.02)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private CA with a server certificate for localhost and 127.0.0.1, and a client certificate."""
+    from pipeline.tls import make_certificates
+
+    folder = tmp_path_factory.mktemp("certs")
+    make_certificates(folder, ["localhost", "127.0.0.1"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, unrelated CA: its certificates must be refused."""
+    from pipeline.tls import make_certificates
+
+    folder = tmp_path_factory.mktemp("other")
+    make_certificates(folder, ["localhost", "127.0.0.1"])
+    return folder

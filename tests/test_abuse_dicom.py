@@ -21,6 +21,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from _sockets import MB, connect, is_open, rss
 from conftest import Site, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -32,33 +33,14 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from pipeline import phantom
 from pipeline.tls import make_certificates
 
-MB = 1 << 20
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # Debian's dcmtk leaves Nagle on otherwise and crawls
 OUT_OF_RESOURCES = 0xA700
 
 
-def rss(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (the peak) of a process, in bytes."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
-def connect(port: int, source: str = "127.0.0.2") -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
 
 
-def is_open(sock: socket.socket) -> bool:
-    """Whether the server has neither closed nor reset the connection (nothing is consumed)."""
-    timeout = sock.gettimeout()
-    sock.settimeout(0)
-    try:
-        return sock.recv(1, socket.MSG_PEEK) != b""
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.settimeout(timeout)
 
 
 def start(site: Site, **dicom: Any) -> tuple[Any, int]:

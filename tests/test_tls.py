@@ -18,22 +18,7 @@ from conftest import Site, read_job, wait_for
 from pipeline import phantom
 from pipeline.config import Config
 from pipeline.service import exposure_warnings
-from pipeline.tls import CERT_FILES, make_certificates
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder, ["localhost", "127.0.0.1"])
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second, unrelated CA: its client certificate must be refused."""
-    folder = tmp_path_factory.mktemp("other")
-    make_certificates(folder, ["localhost"])
-    return folder
+from pipeline.tls import CERT_FILES
 
 
 def test_manage_certs_writes_a_ca_a_server_and_a_client_certificate(site: Site, tmp_path: Path) -> None:

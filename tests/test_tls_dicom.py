@@ -26,24 +26,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pipeline import phantom
 from pipeline.guard import Limits
 from pipeline.nodeguard import ASSOCIATE_RQ_LIMIT, GuardedServer
-from pipeline.tls import TlsFiles, make_certificates
+from pipeline.tls import TlsFiles
 
 DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")  # Debian's dcmtk leaves Nagle on otherwise and crawls
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder, ["localhost", "127.0.0.1"])
-    return folder
 
 
-@pytest.fixture(scope="module")
-def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second, unrelated CA: its client certificate must be refused."""
-    folder = tmp_path_factory.mktemp("other")
-    make_certificates(folder, ["localhost", "127.0.0.1"])
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import requests
 from _http import HttpSite, check_masks, http_site
-from test_abuse_http import MB, Trickle, connect, is_open, rss
+from _sockets import MB, connect, is_open, rss
+from test_abuse_http import Trickle
 
 from facade.client import Client
 from pipeline import phantom
@@ -28,11 +29,6 @@ PLATIPY_PYTHON = Path(os.environ.get("POSTBOX_PLATIPY_PYTHON", REPO / ".ci" / ".
 GRID = phantom.axial_grid(slices=16, size=64)
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("certs")
-    make_certificates(folder, ["127.0.0.1", "localhost"])
-    return folder
 
 
 @pytest.fixture(scope="module")
