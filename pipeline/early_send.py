@@ -24,7 +24,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .config import Config, Destination
-from .sender import _OK, _abort, resolve_destination
+from .sender import STORED, abort_association, resolve_destination
 from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class EarlySend:
                 log.warning("job %s: sending to %s early did not end within %.0f s; the sender goes on after "
                             "the job's finish", self.job_id, lane.name, timeout)
                 if lane.assoc is not None:
-                    _abort(lane.assoc)
+                    abort_association(lane.assoc)
                 lane.thread.join(5.0)
         return {lane.name: dict(lane.stored) for lane in self._lanes}
 
@@ -141,7 +141,7 @@ class EarlySend:
                         lane.assoc = self._associate(ae, lane)
                     status = lane.assoc.send_c_store(ds)
                     code = getattr(status, "Status", None)
-                    if code not in _OK:
+                    if code not in STORED:
                         raise _Refused(f"{lane.dest.ae_title} refused {path.name}: status "
                                        f"{'none (connection lost)' if code is None else hex(code)}")
                     lane.stored[uid] = str(path)

@@ -26,7 +26,8 @@ from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
-_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success, and warnings meaning stored
+#: C-STORE statuses that mean the peer stored the instance: success, and the warnings that say so.
+STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 #: job.yaml's ``timings`` key for a destination's send: seconds from the job's finish to the destination's
 #: last file stored (issue 10), written with the send state once every file is there.
 SEND_TIMING = "send_seconds.{}"
@@ -100,7 +101,7 @@ def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout
         for path, ds in zip(files, datasets, strict=True):
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
-            if code not in _OK:
+            if code not in STORED:
                 raise SendFailed(f"{dest.ae_title} refused {path.name}: status "
                                  f"{'none (connection lost)' if code is None else hex(code)}", stored)
             stored.append(path)
@@ -111,7 +112,7 @@ def send_files(dest: Destination, files: list[Path], *, calling_ae: str, timeout
             assoc.release()
 
 
-def _abort(assoc: Any) -> None:
+def abort_association(assoc: Any) -> None:
     """Abort ``assoc`` from another thread, and wake a C-STORE that waits on it for an answer.
 
     pynetdicom wakes that wait when the peer aborts or the connection drops (its state machine puts
@@ -150,7 +151,7 @@ class Sender:
         self._wake.set()
         with self._assoc_lock:
             if self._assoc is not None:
-                _abort(self._assoc)
+                abort_association(self._assoc)
         if self._thread is not None:
             self._thread.join(timeout=timeout)
             if self._thread.is_alive():
@@ -220,7 +221,7 @@ class Sender:
         with self._assoc_lock:
             self._assoc = assoc
         if assoc is not None and self._stop.is_set():
-            _abort(assoc)
+            abort_association(assoc)
 
     def _attempt(self, job_id: str, name: str) -> None:
         cfg = self.config

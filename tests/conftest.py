@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -224,3 +225,12 @@ def other_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("other")
     make_certificates(folder, ["localhost", "127.0.0.1"])
     return folder
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Sockets a test opens (an attacker's): closed when it ends, whatever it asserted."""
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()

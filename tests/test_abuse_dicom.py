@@ -15,7 +15,6 @@ import struct
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +64,6 @@ def echo_from(address: str, port: int) -> bool:
     finally:
         assoc.release() if assoc.is_established else None
         ae.shutdown()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def test_silent_connections_leave_room_for_an_allowed_ae(site: Site, sockets: list[socket.socket]) -> None:

@@ -17,7 +17,6 @@ import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +78,6 @@ class Trickle:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def test_silent_and_trickling_connections_leave_the_api_answering(site: Site, sockets: list[socket.socket]) -> None:

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -112,14 +111,6 @@ def test_plain_dicom_is_refused_by_a_tls_node(site: Site, certs: Path, series: P
     assert echoscu(port).returncode != 0
     assert storescu(port, series).returncode != 0
     assert nothing_received(site)
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    opened: list[socket.socket] = []
-    yield opened
-    for sock in opened:
-        sock.close()
 
 
 def is_open(sock: socket.socket) -> bool:
