@@ -293,7 +293,9 @@ def test_in_a_browser_an_operator_signs_in_opens_a_job_sees_its_preview_and_down
     browser.get(srv.url + "/")
     browser.find_element(By.ID, "key").send_keys("pbx_wrong-key")
     browser.find_element(By.ID, "sign-in").click()
-    assert "not valid" in browser.find_element(By.ID, "login-error").text
+    # The click only starts the form's submission: wait for the answer's page, as for every page below.
+    [error] = wait_for(lambda: browser.find_elements(By.ID, "login-error"), 10, what="the sign-in refused")
+    assert "not valid" in error.text
     assert browser.get_cookie(COOKIE) is None
 
     # The operator's site key: the list shows the phantom job, done.
