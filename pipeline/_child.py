@@ -76,10 +76,14 @@ def _stamp(path: str) -> list[int]:
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
     inputs = [DataObject(type=d["type"], path=d["path"], meta_data=d.get("meta_data") or {}, id=d["id"])
-              for d in request["data_objects"]]
+              for d in request.get("data_objects", ())]
     t_load = time.time()
     fn, source, stamp = _load(request["module"], request["attr"], request["search_path"])
     started = time.time()
+    if request.get("load_only"):
+        # A GPU node warms its children at start (issue 12): the model loads before the first job comes.
+        return {"ok": True, "outputs": [], "load_seconds": started - t_load, "started": started, "ended": started,
+                "source": source, "source_stamp": stamp}
     os.chdir(request["working_dir"])
     result = fn(inputs, request["working_dir"], request["settings"])
     ended = time.time()

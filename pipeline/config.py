@@ -465,6 +465,76 @@ class MetricsConfig:
         return bool(address) and _matches(address, list(self.allowed_hosts)) is not None
 
 
+_LOOPBACK = ("127.", "::1", "localhost", "[::1]")
+
+
+@dataclass(frozen=True)
+class DaskConfig:
+    """Where the Dask scheduler is, and what each attempt asks of a GPU node (issue 12)."""
+
+    scheduler: str | None = field(default=None, metadata=_t(str, nullable=True))
+    tls: TlsConfig | None = field(default=None, metadata=_t(dict, nullable=True))
+    resources: dict = field(default_factory=lambda: {"GPU": 1}, metadata=_t(dict))
+    slots: Any = field(default="auto", metadata={"type": None})
+    transfer: str = field(default="shared", metadata=_t(str))
+    grace: float = field(default=60.0, metadata=_t(float))
+    reconnect_max: float = field(default=30.0, metadata=_t(float))
+    refresh_seconds: float = field(default=2.0, metadata=_t(float))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tls", _tls("engine.dask.tls", self.tls))
+        _check_resources("engine.dask.resources", self.resources)
+        if not (self.slots == "auto" or (isinstance(self.slots, int) and not isinstance(self.slots, bool)
+                                         and self.slots > 0)):
+            raise ConfigError("engine.dask.slots", f"must be auto or a whole number > 0, not {self.slots!r}")
+        if self.transfer != "shared":
+            raise ConfigError("engine.dask.transfer", "must be shared (job folders on a filesystem mounted at the "
+                                                      f"same path on every node), not {self.transfer!r}")
+        _positive("engine.dask.grace", self.grace, zero=True)
+        _positive("engine.dask.reconnect_max", self.reconnect_max)
+        _positive("engine.dask.refresh_seconds", self.refresh_seconds)
+        if self.scheduler is None:
+            return
+        scheme, sep, rest = self.scheduler.partition("://")
+        if not sep or scheme not in ("tcp", "tls") or not rest:
+            raise ConfigError("engine.dask.scheduler", "must look like tls://HOST:PORT (or tcp://127.0.0.1:PORT), "
+                                                       f"not {self.scheduler!r}")
+        if scheme == "tls" and (self.tls is None or self.tls.cert is None):
+            raise ConfigError("engine.dask.tls", "a tls:// scheduler needs tls with ca, cert and key")
+        if scheme == "tcp" and not rest.startswith(_LOOPBACK):
+            # A scheduler runs whatever code its clients send: on a network it must check who they are.
+            raise ConfigError("engine.dask.scheduler", "a scheduler off this machine needs tls:// and "
+                                                       "engine.dask.tls (a Dask scheduler runs any code a client "
+                                                       "sends); plain tcp:// is for 127.0.0.1 only")
+
+    @property
+    def security(self) -> bool:
+        return self.scheduler is not None and self.scheduler.startswith("tls://")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where algorithms run: ``local`` child processes (the default) or the GPU nodes of a Dask cluster."""
+
+    kind: str = field(default="local", metadata=_t(str))
+    dask: DaskConfig = field(default_factory=DaskConfig, metadata=_t(dict))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dask, Mapping):
+            object.__setattr__(self, "dask", _build(DaskConfig, self.dask, "engine.dask"))
+        if self.kind not in ("local", "dask"):
+            raise ConfigError("engine.kind", f"must be local or dask, not {self.kind!r}")
+        if self.kind == "dask" and self.dask.scheduler is None:
+            raise ConfigError("engine.dask.scheduler", "engine.kind dask needs the scheduler's address")
+
+
+def _check_resources(key: str, value: Any) -> None:
+    for name, amount in value.items():
+        if not isinstance(name, str) or isinstance(amount, bool) or not isinstance(amount, (int, float)) \
+                or amount <= 0:
+            raise ConfigError(f"{key}.{name}", f"must be a positive number, not {amount!r}")
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """One algorithm: a Python callable (``function``) or a command line (``command``).
@@ -482,6 +552,7 @@ class AlgorithmConfig:
     outputs: tuple = field(default=("rtstruct",), metadata=_t(tuple))
     structures: dict = field(default_factory=dict, metadata=_t(dict))
     min_dice: float = field(default=0.95, metadata=_t(float))
+    resources: dict | None = field(default=None, metadata=_t(dict, nullable=True))
     search_path: str = field(default="", metadata={"key": False})
 
     def __post_init__(self) -> None:
@@ -501,6 +572,8 @@ class AlgorithmConfig:
         for kind in self.outputs:
             if kind not in OUTPUT_KINDS:
                 raise ConfigError(f"{key}.outputs", f"unknown output {kind!r} (known: {', '.join(OUTPUT_KINDS)})")
+        if self.resources is not None:
+            _check_resources(f"{key}.resources", self.resources)
         for sname, spec in self.structures.items():
             if not isinstance(spec, Mapping) or set(spec) - {"name", "color", "type"}:
                 raise ConfigError(f"{key}.structures.{sname}", "must be a mapping of name, color, type")
@@ -532,6 +605,7 @@ class Config:
     permissions: PermissionsConfig = field(default_factory=lambda: PermissionsConfig(), metadata=_t(dict))
     retention: RetentionConfig = field(default_factory=RetentionConfig, metadata=_t(dict))
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata=_t(dict))
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata=_t(dict))
     algorithms: tuple[AlgorithmConfig, ...] = field(default=(), metadata=_t(tuple))
 
     def algorithm(self, name: str) -> AlgorithmConfig | None:
@@ -595,6 +669,7 @@ class Config:
             "permissions": (PermissionsConfig, data.pop("permissions", None)),
             "retention": (RetentionConfig, data.pop("retention", None)),
             "metrics": (MetricsConfig, data.pop("metrics", None)),
+            "engine": (EngineConfig, data.pop("engine", None)),
         }
         raw_algorithms = data.pop("algorithms", None)
         top = _build(_Top, data, "", also_known=("algorithms", *sections))
@@ -636,6 +711,7 @@ class Config:
         found = {"http.tls": self.http.tls, "dicom.tls": self.dicom.tls}
         found.update({f"dicom.destinations.{n}.tls": d.tls for n, d in self.dicom.destinations.items()})
         found.update({f"http.allowed_locations[{i}].tls": e.tls for i, e in enumerate(self.http.allowed_locations)})
+        found["engine.dask.tls"] = self.engine.dask.tls
         return {k: v.files(self.base_dir) for k, v in found.items() if v is not None}
 
     def location_tls(self, host: str) -> TlsFiles | None:
@@ -643,6 +719,10 @@ class Config:
         entry's, or None (plain DICOM)."""
         entry = self.http.location_entry(host)
         return entry.tls.files(self.base_dir) if entry is not None and entry.tls is not None else None
+
+    def resources(self, alg: AlgorithmConfig) -> dict[str, float]:
+        """What one attempt of ``alg`` takes from a Dask worker: its own ``resources``, else the engine's."""
+        return dict(alg.resources if alg.resources is not None else self.engine.dask.resources)
 
     def check_folders(self) -> None:
         """Create the runtime folders if missing and make sure they are writable (and TLS files readable)."""

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,9 @@ def describe_exit(returncode: int | None) -> str:
 class Child:
     """One ``pipeline._child`` process serving jobs of one algorithm."""
 
-    def __init__(self, alg: AlgorithmConfig) -> None:
+    def __init__(self, alg: AlgorithmConfig, *, own_group: bool = False) -> None:
         self.alg = alg
+        self.own_group = own_group
         self.jobs = 0
         # The algorithm's module file and its [mtime_ns, size] as the child imported it (from its first reply).
         self.source: str | None = None
@@ -74,6 +77,8 @@ class Child:
             close_fds=True,
             # Not the service's own folder: a pipeline.py there would shadow the package in the child.
             cwd=package_root,
+            # On a GPU node the child leads its own process group, so a kill takes whatever it started too.
+            start_new_session=own_group,
         )
         self._buffer = b""
         log.debug("algorithm %s: child %d started", alg.name, self.proc.pid)
@@ -142,11 +147,20 @@ class Child:
         worse, a number already reused), and the job would fail instead of being given back.
         """
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._kill()
+
+    def _kill(self) -> None:
+        if self.own_group:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                return
+            except OSError:
+                pass
+        self.proc.kill()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            self._kill()
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
@@ -172,8 +186,13 @@ class Child:
 class ChildPool:
     """Idle warm children per algorithm; a busy child belongs to the job running in it."""
 
-    def __init__(self, *, keep_warm: bool, max_jobs_per_child: int) -> None:
+    def __init__(self, *, keep_warm: bool, max_jobs_per_child: int, own_group: bool = False) -> None:
         self.keep_warm = keep_warm
+        self.own_group = own_group
+        # A child is killed when the *thread* that started it ends (PR_SET_PDEATHSIG follows the thread). The
+        # worker's job threads live as long as it does; elsewhere (a GPU node, whose warm-up thread ends) one
+        # thread of the pool's own starts every child.
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="child-spawner") if own_group else None
         self.max_jobs_per_child = max_jobs_per_child
         self._idle: dict[str, list[Child]] = {}
         self._busy: set[Child] = set()
@@ -194,7 +213,10 @@ class ChildPool:
                     log.info("algorithm %s: %s changed; a fresh process takes the next job", alg.name,
                              Path(child.source or "").name)
                 child.kill()
-            child = Child(alg)
+            if self._spawner is not None:
+                child = self._spawner.submit(Child, alg, own_group=True).result()
+            else:
+                child = Child(alg)
             self._busy.add(child)
             return child
 
@@ -224,22 +246,53 @@ class ChildPool:
             child.kill()
         for child in busy:
             child.signal_kill()  # its job's thread discards it (run_python), closing its pipes there
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+
+
+def warm(pool: ChildPool, alg: AlgorithmConfig, timeout: float) -> float:
+    """Start ``alg``'s child and import its module now (a model loaded at import loads here); returns the
+    seconds the import took. The child then waits in the pool for the first job."""
+    request = {"module": alg.module, "attr": alg.attr, "search_path": alg.search_path, "load_only": True,
+               "working_dir": os.getcwd(), "settings": {}, "log_path": os.devnull}
+    child = pool.take(alg)
+    try:
+        reply = child.run(f"warm-up of {alg.name}", request, timeout)
+    except BaseException:
+        pool.discard(child)
+        raise
+    if not reply.get("ok"):
+        pool.discard(child)
+        raise AlgorithmFailed(f"warm-up of {alg.name}", reply.get("error", "the import failed"))
+    child.source, child.source_stamp = reply.get("source"), reply.get("source_stamp")
+    pool.give_back(child)
+    return float(reply["load_seconds"])
 
 
 def run_python(pool: ChildPool, alg: AlgorithmConfig, job_id: str, inputs: list[DataObject], working_dir: Path,
-               settings: dict[str, Any], log_path: Path, timeout: float) -> tuple[list[DataObject], dict[str, float]]:
-    """Run a Python algorithm in a (possibly warm) child; returns outputs and timings."""
+               settings: dict[str, Any], log_path: Path, timeout: float,
+               started: Callable[[Child | None], None] | None = None) -> tuple[list[DataObject], dict[str, float]]:
+    """Run a Python algorithm in a (possibly warm) child; returns outputs and timings.
+
+    ``started`` is told the child once the job is in it, and None once it is out (a GPU node kills the child
+    of an attempt it is told to stop).
+    """
     request = {
         "module": alg.module, "attr": alg.attr, "search_path": alg.search_path,
         "data_objects": [{"type": d.type, "path": d.path, "meta_data": d.meta_data, "id": d.id} for d in inputs],
         "working_dir": str(working_dir), "settings": settings, "log_path": str(log_path),
     }
     child = pool.take(alg)
+    if started is not None:
+        started(child)
     try:
         reply = child.run(job_id, request, timeout)
     except BaseException:
         pool.discard(child)
         raise
+    finally:
+        if started is not None:
+            started(None)
     if reply.get("ok") or is_disk_full_errno(reply.get("errno")):
         if reply.get("ok"):
             child.source, child.source_stamp = reply.get("source"), reply.get("source_stamp")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-CERT_FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem")
+CERT_FILES = ("ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem", "node.pem",
+              "node-key.pem")
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,18 @@ def make_certificates(folder: Path, hosts: list[str], *, days: int = 825) -> lis
         except ValueError:
             return x509.DNSName(host)
 
-    for role, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+    # A Dask cluster's node (scheduler, GPU worker, the service as its client) both listens and connects with
+    # one certificate (engine.dask.tls), so it needs both usages.
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    for role, usages in (("server", [ExtendedKeyUsageOID.SERVER_AUTH]), ("client", [ExtendedKeyUsageOID.CLIENT_AUTH]),
+                         ("node", both)):
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder().subject_name(name(hosts[0] if role == "server" else "postbox-client"))
+        builder = (x509.CertificateBuilder().subject_name(name(hosts[0] if role != "client" else "postbox-client"))
                    .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-        if role == "server":
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+        if role != "client":
             builder = builder.add_extension(x509.SubjectAlternativeName([alt_name(h) for h in hosts]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         (folder / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
