@@ -31,6 +31,7 @@ setup(
         "cryptography>=41",
         "matplotlib>=3.7",
         "prometheus-client>=0.17",
+        "distributed>=2024.1",
     ],
     extras_require={
         "test": [

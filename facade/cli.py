@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="days since the job finished (as recorded in its job.yaml)")
     purge.add_argument("--state", choices=("done", "failed"), help="only jobs that ended so (default: both)")
     purge.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
-    certs = msub.add_parser("certs", help="make a private CA, a server and a client certificate (a test deployment)")
+    certs = msub.add_parser("certs", help="make a private CA, a server, a client and a node certificate (a test "
+                                          "deployment)")
     certs.add_argument("folder", type=Path, help="where to write ca.pem, server.pem, client.pem and their keys")
     certs.add_argument("--host", action="append", default=None,
                        help="a name or address the server is reached by (repeatable; default: localhost, 127.0.0.1)")
@@ -113,6 +114,30 @@ def _parser() -> argparse.ArgumentParser:
     selftest.add_argument("--slices", type=int, default=40, help="phantom slices (default 40)")
     selftest.add_argument("--size", type=int, default=128, help="phantom rows and columns (default 128)")
     selftest.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each job (default 300)")
+
+    gpu = sub.add_parser("gpu-worker", help="serve one GPU of a Dask cluster (engine.kind: dask): a Dask worker that "
+                                            "keeps each algorithm's process warm; exits 0 when its scheduler is gone")
+    gpu.add_argument("--scheduler", required=True, metavar="ADDR",
+                     help="the scheduler, tls://HOST:PORT (tcp:// only on 127.0.0.1)")
+    gpu.add_argument("--config", dest="config", default=argparse.SUPPRESS, metavar="PATH",
+                     help="the config.yaml of the Postbox services (same path on every node: algorithms, TLS)")
+    gpu.add_argument("--resources", action="append", default=None, metavar="NAME=N",
+                     help="what this worker offers (repeatable; default GPU=1: one GPU per worker, chosen with "
+                          "CUDA_VISIBLE_DEVICES)")
+    gpu.add_argument("--nthreads", type=int, default=1, help="Dask worker threads (default 1)")
+    gpu.add_argument("--name", help="the worker's name on the scheduler, unique (default: the host name, with "
+                                    "-gpuN when CUDA_VISIBLE_DEVICES names one GPU)")
+
+    cluster = sub.add_parser("cluster", help="the GPU nodes of the Dask cluster: status, drain, resume")
+    csub = cluster.add_subparsers(dest="cluster", required=True, metavar="ACTION")
+    cstatus = csub.add_parser("status", help="one row per worker: address, resources, slots, running jobs, drained")
+    cstatus.add_argument("--json", action="store_true", help="print JSON")
+    cdrain = csub.add_parser("drain", help="stop sending jobs to NODE and wait until it runs none")
+    cdrain.add_argument("node", metavar="NODE", help="a worker's name, address or host")
+    cdrain.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 1; it stays "
+                                                      "drained)")
+    cresume = csub.add_parser("resume", help="send jobs to a drained NODE again")
+    cresume.add_argument("node", metavar="NODE", help="a worker's name, address or host")
     return p
 
 
@@ -383,8 +408,72 @@ def _selftest(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _resources(items: Sequence[str] | None) -> dict[str, float]:
+    if not items:
+        return {"GPU": 1.0}
+    found = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise InvalidInput(f"--resources {item!r}: must look like NAME=N with N > 0 (GPU=1)")
+        found[name] = value
+    return found
+
+
+def _gpu_worker(args: argparse.Namespace) -> int:
+    from pipeline.config import DaskConfig
+    from pipeline.gpuworker import default_name, serve
+
+    if not getattr(args, "config", None):
+        raise ConfigError("--config", "gpu-worker needs the Postbox config.yaml (its algorithms and TLS)")
+    cfg = _config(args)
+    DaskConfig(scheduler=args.scheduler, tls=cfg.engine.dask.tls)  # the same rules as the service's scheduler
+    if args.nthreads < 1:
+        raise InvalidInput("--nthreads must be at least 1")
+    return serve(args.scheduler, cfg, resources=_resources(args.resources), nthreads=args.nthreads,
+                 name=args.name or default_name())
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from pipeline import cluster
+
+    cfg = _config(args)
+    if cfg.engine.kind != "dask":
+        raise ConfigError("engine.kind", "is local: there is no cluster (set engine.kind: dask and "
+                                         "engine.dask.scheduler)")
+    try:
+        if args.cluster == "status":
+            found = cluster.status(cfg)
+            if args.json:
+                print(json.dumps([r.to_dict() for r in found], indent=2))
+                return 0
+            print(f"{'ADDRESS':<28} {'NAME':<20} {'RESOURCES':<14} {'SLOTS':>5} {'DRAINED':<7} RUNNING")
+            for r in found:
+                res = ",".join(f"{k}={v:g}" for k, v in r.resources.items()) or "-"
+                print(f"{r.address:<28} {r.name:<20} {res:<14} {r.slots:>5} {'yes' if r.drained else 'no':<7} "
+                      f"{' '.join(r.running) or '-'}")
+            if not found:
+                print("(no workers)")
+            return 0
+        if args.cluster == "drain":
+            print(f"draining {args.node}: no new jobs go there; waiting for its running jobs to end", flush=True)
+            cluster.drain(cfg, args.node, timeout=args.timeout)
+            print(f"{args.node} is drained and idle")
+            return 0
+        cluster.resume(cfg, args.node)
+        print(f"{args.node} takes jobs again")
+        return 0
+    except (OSError, TimeoutError) as exc:
+        print(f"postbox: error: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
 _COMMANDS = {"manage": _manage, "submit": _submit, "status": _status, "audit": _audit, "phantom": _phantom,
-             "send": _send, "selftest": _selftest}
+             "send": _send, "selftest": _selftest, "gpu-worker": _gpu_worker, "cluster": _cluster}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -39,6 +39,11 @@ POINTS: dict[str, str] = {
     "send.stored": "files are stored at the destination; the send state in job.yaml does not say so yet",
     "send.recorded": "the send state is in job.yaml; the index does not know yet",
     "purge.moved": "a job being purged is in outbox/.purging; its lock files and index entry are still there",
+    "remote.before_child": "on a GPU node: the attempt's folder exists under attempts/, its child is not yet given "
+                           "the job (the node's worker dies: Dask reruns the attempt elsewhere)",
+    "remote.outputs_written": "on a GPU node: the algorithm's outputs are in its attempt's work/; no manifest yet",
+    "remote.before_return": "on a GPU node: the attempt's manifest (files, sizes, sha256) is made; the service has "
+                            "not received it",
     "preview.written": "a finished job's output/preview.png is whole (renamed into place); job.yaml does not "
                        "name it yet",
 }

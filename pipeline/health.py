@@ -18,6 +18,7 @@ from .errors import DiskFull
 log = logging.getLogger(__name__)
 
 DISK_FULL = "disk full"
+SCHEDULER_LOST = "dask scheduler out of reach"
 # ENOSPC: no blocks left; EDQUOT: the user's quota is used up. Both cure themselves when space returns.
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 

@@ -923,10 +923,15 @@ def append_log(claim: Claim, line: str) -> None:
         fh.write(f"--- {line} ---\n")
 
 
-def requeue(claim: Claim, reason: str) -> None:
-    """Give a job back to the inbox untouched (service stopping, disk full); the attempt does not count."""
+def requeue(claim: Claim, reason: str, *, attempts: int | None = None) -> None:
+    """Give a job back to the inbox untouched (service stopping, disk full); the attempt does not count.
+
+    ``attempts`` sets the count outright: a job run on a Dask cluster counts its attempts' folders.
+    """
     m = claim.manifest
-    if m.status == JobStatus.RUNNING:
+    if attempts is not None:
+        m.attempts = attempts
+    elif m.status == JobStatus.RUNNING:
         m.attempts = max(0, m.attempts - 1)
     m.status = JobStatus.PENDING
     for name in (WORK, OUTPUT):  # also frees the space a full disk needs for this very write

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import gate, jobs
+from . import attempts, gate, jobs
 from .algorithms import merge_settings, resolve
 from .config import AlgorithmConfig, Config
 from .crashpoints import crash_point
@@ -55,6 +55,9 @@ class Worker:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._running: dict[str, jobs.Claim] = {}
+        # On a cluster: running jobs whose remote attempt has ended (the service writes their DICOM outputs);
+        # they hold no slot, so the GPU takes the next job meanwhile.
+        self._past_remote: set[str] = set()
         self._lock = threading.Lock()
         self._bad_drops: set[Path] = set()
         self._waiting: dict[str, str] = {}  # job id -> why it waits, each said once
@@ -65,7 +68,15 @@ class Worker:
         self._throttle = Throttle(60.0)
         self._pool = ChildPool(keep_warm=config.worker.keep_warm,
                                max_jobs_per_child=config.worker.max_jobs_per_child)
-        self._executor = ThreadPoolExecutor(max_workers=config.worker.processes, thread_name_prefix="job")
+        # On a Dask cluster (issue 12) a running job's thread only waits for its remote attempt: as many as the
+        # cluster has slots, which the engine tells.
+        self._engine: Any = None
+        if config.engine.kind == "dask":
+            from .dask_engine import DaskEngine  # distributed is imported only where it is used
+
+            self._engine = DaskEngine(config, self.wake, self.health)
+        self._executor = ThreadPoolExecutor(max_workers=config.worker.processes if self._engine is None else 256,
+                                            thread_name_prefix="job")
         self.ready = threading.Event()
         # Called with each job's manifest once it is done and in the outbox (the sender's wake-up, the HTTP
         # door recording a dataset's outputs); a hook that fails is logged and never fails the job.
@@ -85,6 +96,8 @@ class Worker:
             (cfg.inbox / folder).mkdir(exist_ok=True)
         self._recover()
         self.index.repair(cfg.inbox, cfg.outbox)
+        if self._engine is not None:
+            self._engine.start()
         observer = watch(cfg.inbox, self.wake)
         log.info("worker: watching the inbox (%d at once, algorithms: %s)", cfg.worker.processes,
                  ", ".join(a.name for a in cfg.algorithms))
@@ -114,11 +127,15 @@ class Worker:
                 observer.join(timeout=5)
             self._pool.close()
             self._executor.shutdown(wait=True)
+            if self._engine is not None:
+                self._engine.close()
 
     def stop(self) -> None:
         """Stop claiming at once; running jobs are interrupted and go back to the inbox untouched."""
         self._stop.set()
         self._pool.close()
+        if self._engine is not None:
+            self._engine.stop()
         self.wake.set()
 
     def _recover(self) -> None:
@@ -162,7 +179,7 @@ class Worker:
             with self._lock:
                 if job_id in self._running:
                     continue
-                if len(self._running) >= cfg.worker.processes:
+                if len(self._running) - len(self._past_remote) >= self._limit():
                     return
             try:
                 claim = jobs.claim(cfg.inbox, cfg.outbox, job_id, index=self.index)
@@ -184,6 +201,10 @@ class Worker:
             with self._lock:
                 self._running[job_id] = claim
             self._executor.submit(self._run_job, claim, capacity)
+
+    def _limit(self) -> int:
+        """Jobs this service runs at once: ``worker.processes``, or on a cluster its free slots."""
+        return self.config.worker.processes if self._engine is None else self._engine.slots()
 
     def _held_elsewhere(self, job_id: str) -> None:
         """Another process holds the job's lock: normal if it runs the job, worth a line if not."""
@@ -243,6 +264,8 @@ class Worker:
         job_id = claim.job_id
         try:
             m = claim.manifest
+            if self._engine is not None and m.status not in (jobs.JobStatus.DONE, jobs.JobStatus.FAILED):
+                m.attempts = attempts.counted(claim.job_dir)  # a cluster's attempts are its folders (issue 12)
             if m.status in (jobs.JobStatus.DONE, jobs.JobStatus.FAILED):
                 # Written as finished, but the worker stopped before the move: complete the move.
                 if m.status == jobs.JobStatus.DONE:
@@ -282,6 +305,7 @@ class Worker:
             claim.release()
             with self._lock:
                 self._running.pop(job_id, None)
+                self._past_remote.discard(job_id)
             self.wake.set()
 
     def _attempt(self, claim: jobs.Claim) -> None:
@@ -299,12 +323,19 @@ class Worker:
             log.warning("job %s: refused: %s", claim.job_id, reason)
             jobs.fail(claim, cfg.outbox, reason)
             return
-        jobs.start_attempt(claim, counted=claim.job_id not in self._uncounted)
+        resumed = m.status == jobs.JobStatus.RUNNING
+        if self._engine is not None:
+            m.attempts += 1  # the number the remote attempt's folder will most likely have; its folder decides
+        jobs.start_attempt(claim, counted=self._engine is None and claim.job_id not in self._uncounted)
         self._uncounted.discard(claim.job_id)
         log.info("job %s: started %s (attempt %d)", claim.job_id, alg.name, m.attempts)
         early: EarlySend | None = None
         try:
-            outputs, timings = self._execute(claim, alg, settings)
+            outputs, timings = self._execute(claim, alg, settings, resumed=resumed)
+            if self._engine is not None:
+                with self._lock:
+                    self._past_remote.add(claim.job_id)
+                self.wake.set()
             m.timings.update(timings)
             early = self._early_send(claim, alg)
             added = add_dicom_outputs(alg, self._inputs(claim), outputs, claim.work_dir, job_id=claim.job_id,
@@ -379,12 +410,17 @@ class Worker:
                 reason = reason.replace(form, box.name)
         return reason
 
-    def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig,
-                 settings: dict[str, Any]) -> tuple[list[DataObject], dict[str, float]]:
+    def _execute(self, claim: jobs.Claim, alg: AlgorithmConfig, settings: dict[str, Any], *,
+                 resumed: bool = False) -> tuple[list[DataObject], dict[str, float]]:
         timeout = alg.timeout or self.config.worker.job_timeout
         inputs = self._inputs(claim)
         if self._stop.is_set():
             raise _Stopping()
+        if self._engine is not None:
+            try:
+                return self._engine.run(claim, alg, settings, inputs, timeout, self._stop, resumed=resumed)
+            except PoolClosed as exc:
+                raise _Stopping() from exc
         if alg.command is not None:
             return run_command(alg, claim.job_id, claim.job_dir / jobs.INPUT, claim.work_dir, settings,
                                claim.log_path, timeout, stop=self._stop, inputs=inputs)
@@ -418,7 +454,8 @@ class Worker:
 
     def _give_back(self, claim: jobs.Claim, reason: str, *, disk_full: bool = False) -> None:
         try:
-            jobs.requeue(claim, reason)
+            jobs.requeue(claim, reason,
+                         attempts=attempts.counted(claim.job_dir) if self._engine is not None else None)
             log.info("job %s: given back to the inbox (%s)", claim.job_id, reason)
         except Exception as exc:
             if disk_full or is_disk_full(exc):

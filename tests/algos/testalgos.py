@@ -143,3 +143,33 @@ def shifted(data_objects, working_dir, settings):
         moved.CopyInformation(image)
         sitk.WriteImage(moved, out.path)
     return outputs
+
+
+def _job_of(working_dir) -> tuple[str, str]:
+    """The job id and the attempt (on a Dask cluster: ``<job>/attempts/<attempt>/work``; else ``<job>/work``)."""
+    parent = Path(working_dir).parent
+    if parent.parent.name == "attempts":
+        return parent.parent.parent.name, parent.name
+    return parent.name, ""
+
+
+def sleepy(data_objects, working_dir, settings):
+    """Sleeps ``seconds`` and records where and when it ran (the GPU node's worker is the child's parent)."""
+    job, attempt = _job_of(working_dir)
+    start = time.time()
+    time.sleep(settings.get("seconds", 0.3))  # not a wait: the model's own work
+    out = Path(working_dir) / "mask.txt"
+    out.write_text(f"{job} {attempt}")
+    with open(EVIDENCE / "sleepy.log", "a") as fh:
+        fh.write(json.dumps({"job": job, "attempt": attempt, "pid": os.getpid(), "worker": os.getppid(),
+                             "start": start, "end": time.time()}) + "\n")
+    return [DataObject(type="FILE", path=str(out), parent=data_objects[0])]
+
+
+def kills_its_worker(data_objects, working_dir, settings):
+    """Kills the process that runs it (a GPU node's worker): a driver crash that takes the node down."""
+    job, attempt = _job_of(working_dir)
+    with open(EVIDENCE / "killer.log", "a") as fh:
+        fh.write(json.dumps({"job": job, "attempt": attempt, "worker": os.getppid()}) + "\n")
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(30)  # not a wait: dies with its parent meanwhile
