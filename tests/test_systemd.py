@@ -99,3 +99,42 @@ def test_systemd_analyze_verify_finds_nothing_in_the_unit(tmp_path: Path) -> Non
                           text=True, timeout=60)
     # verify exits 0 on an unknown key or a bad value too, and only says so: any output is a finding.
     assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
+
+
+SCHEDULER_UNIT = UNIT.parent / "postbox-scheduler.service"
+GPU_UNIT = UNIT.parent / "postbox-gpu-worker@.service"
+
+
+def _parse(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(path.read_text())
+    return parser
+
+
+def test_the_cluster_units_restart_always_and_the_scheduler_lets_the_folders_count_attempts() -> None:
+    # Issue 12: a gpu-worker exits 0 when it loses its scheduler, so only Restart=always brings it back.
+    gpu = _parse(GPU_UNIT)["Service"]
+    assert gpu["Restart"] == "always" and gpu["User"] not in ("", "root", "0")
+    assert "CUDA_VISIBLE_DEVICES=%i" in gpu["Environment"]
+    argv = gpu["ExecStart"].replace("\\\n", " ").split()
+    assert argv[1] == "gpu-worker" and argv[argv.index("--resources") + 1] == "GPU=1"
+    assert argv[argv.index("--scheduler") + 1].startswith("tls://")
+    scheduler = _parse(SCHEDULER_UNIT)["Service"]
+    assert scheduler["Restart"] == "always"
+    name, _, value = scheduler["Environment"].partition("=")
+    assert name == "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES" and int(value) >= WorkerConfig().max_attempts
+    assert "--protocol tls" in scheduler["ExecStart"] and "--tls-ca-file" in scheduler["ExecStart"]
+
+
+@pytest.mark.parametrize(("unit_file", "name"), [(SCHEDULER_UNIT, "postbox-scheduler.service"),
+                                                  (GPU_UNIT, "postbox-gpu-worker@0.service")])
+def test_systemd_analyze_verify_finds_nothing_in_the_cluster_units(tmp_path: Path, unit_file: Path,
+                                                                   name: str) -> None:
+    text = unit_file.read_text()
+    for program in ("postbox", "dask"):
+        text = text.replace(f"/opt/postbox/venv/bin/{program}", shutil.which(program) or sys.executable)
+    (tmp_path / name).write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and not proc.stdout.strip() and not proc.stderr.strip(), proc.stdout + proc.stderr
