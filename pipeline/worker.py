@@ -273,8 +273,9 @@ class Worker:
                 else:
                     jobs.fail(claim, cfg.outbox, self._relative(claim, m.error or "failed"))
             elif m.attempts >= cfg.worker.max_attempts and job_id not in self._uncounted:
-                jobs.fail(claim, cfg.outbox, f"gave up after {m.attempts} attempt(s): the worker stopped "
-                                             "during each (worker.max_attempts)")
+                where = "the worker stopped" if self._engine is None else "its GPU node's worker process died"
+                jobs.fail(claim, cfg.outbox, f"gave up after {m.attempts} attempt(s): {where} during each "
+                                             "(worker.max_attempts)")
             else:
                 self._attempt(claim)
         except _Stopping:

@@ -60,7 +60,9 @@ class Cluster:
     def start_scheduler(self) -> None:
         env = dict(self.env, DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(self.allowed_failures))
         self.scheduler = subprocess.Popen(
-            ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard",
+            # `dask scheduler`, run by this very Python (a version manager's shim could pick another one).
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+             "--no-dashboard",
              *self.scheduler_args],
             stdout=self._log("scheduler"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         wait_for(lambda: _listening(self.port) or self.scheduler.poll() is not None, 30,  # type: ignore[union-attr]

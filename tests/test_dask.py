@@ -197,11 +197,12 @@ def test_sigterm_of_the_service_kills_the_remote_child_and_the_attempt_does_not_
     assert not [e for e in cluster.evidence() if e["job"] == job], "the algorithm ran to its end after the stop"
     proc = cluster.site.start()
     try:
-        # It runs again from the start (the test's 20 s are cut short by a kill of the rerun's service: not needed).
         wait_for(lambda: [r for r in cluster.status() if job in r["running"]], 30, what="the job to run again")
     finally:
         cluster.site.stop(proc)
         cluster.site.procs.remove(proc)
+    assert read_job(cluster.site.inbox / job)["status"] == "pending"
+    shutil.rmtree(cluster.site.inbox / job)  # its 20 s are not for the next tests' services
 
 
 def test_a_killed_service_is_restarted_and_the_stale_attempt_finishes_only_in_its_folder(cluster: Cluster) -> None:
