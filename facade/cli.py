@@ -455,7 +455,7 @@ def _cluster(args: argparse.Namespace) -> int:
             for r in found:
                 res = ",".join(f"{k}={v:g}" for k, v in r.resources.items()) or "-"
                 print(f"{r.address:<28} {r.name:<20} {res:<14} {r.slots:>5} {'yes' if r.drained else 'no':<7} "
-                      f"{' '.join(r.running) or '-'}")
+                      f"{' '.join(r.running) or '-' if r.answered else '(no answer)'}")
             if not found:
                 print("(no workers)")
             return 0

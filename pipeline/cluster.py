@@ -19,6 +19,9 @@ from .config import Config
 from .dask_engine import DRAINED, connect, is_drained, slots_of
 from .errors import PostboxError
 
+#: Seconds the nodes have to say what they run.
+ANSWER_TIMEOUT = 4.0
+
 
 class NoSuchNode(PostboxError):
     """No worker of the cluster goes by that name, address or host."""
@@ -34,6 +37,7 @@ class WorkerRow:
     slots: int = 0
     running: list[str] = field(default_factory=list)
     drained: bool = False
+    answered: bool = True  # False: the node did not say what it runs (hung, or busy past ANSWER_TIMEOUT)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +47,7 @@ def rows(config: Config, client: Client) -> list[WorkerRow]:
     """Every worker of the cluster with its slots, the jobs running on it and whether it is drained."""
     info = client.scheduler_info(n_workers=-1).get("workers", {})
     drained = list(client.get_metadata(list(DRAINED), default=[]))
-    running = client.run(remote.running_jobs, on_error="return")
+    running = _running(client, list(info))
     needs = dict(config.engine.dask.resources)
     found = []
     for address, w in sorted(info.items()):
@@ -51,7 +55,24 @@ def rows(config: Config, client: Client) -> list[WorkerRow]:
         found.append(WorkerRow(address=address, name=str(w.get("name")), resources=dict(w.get("resources") or {}),
                                slots=slots_of(w.get("resources") or {}, needs),
                                running=list(jobs_here) if isinstance(jobs_here, list) else [],
-                               drained=is_drained(w, drained)))
+                               drained=is_drained(w, drained), answered=isinstance(jobs_here, list)))
+    return found
+
+
+def _running(client: Client, addresses: list[str]) -> dict[str, Any]:
+    """The jobs each node runs, asked of all at once; if one does not answer in time (a hung node holds the
+    whole broadcast), each is asked alone, and the silent ones are left out."""
+    try:
+        return dict(client.run(remote.running_jobs, on_error="return", callback_timeout=ANSWER_TIMEOUT))
+    except TimeoutError:
+        pass
+    found: dict[str, Any] = {}
+    for address in addresses:
+        try:
+            found.update(client.run(remote.running_jobs, workers=[address], on_error="return",
+                                    callback_timeout=ANSWER_TIMEOUT / 2))
+        except TimeoutError:
+            continue
     return found
 
 
@@ -83,7 +104,7 @@ def drain(config: Config, node: str, *, timeout: float | None = None, poll: floa
         wait = stopped or threading.Event()
         while True:
             matched = _match(config, client, node)
-            if not any(r.running for r in matched):
+            if not any(r.running or not r.answered for r in matched):
                 return matched
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{node} still runs {sum(len(r.running) for r in matched)} job(s)")

@@ -316,26 +316,27 @@ class DaskEngine:
 
     # -- stopping --
 
-    def _stop_remote(self, job_id: str) -> None:
-        """Kill ``job_id``'s attempt on whichever node runs it (its child's process group)."""
+    def _stop_remote(self, *job_ids: str, wait: float = CALL_TIMEOUT) -> None:
+        """Kill the attempts of ``job_ids`` on whichever nodes run them (their children's process groups).
+
+        Waits at most ``wait`` seconds: a hung node never answers, and must not hold the job that gives up on it (the
+        other nodes have been told meanwhile; the hung one's attempt can only end in its own folder).
+        """
         client = self._client
-        if client is None or client.status != "running":
+        if not job_ids or client is None or client.status != "running":
             return
         try:
-            client.run(remote.stop_attempts, job_id, on_error="ignore")
+            client.run(remote.stop_attempts, list(job_ids), on_error="ignore", callback_timeout=wait)
         except Exception as exc:
-            log.warning("job %s: could not reach the GPU nodes to stop its attempt (%s)", job_id, type(exc).__name__)
+            log.warning("jobs %s: not every GPU node answered the stop of their attempts (%s)", ", ".join(job_ids),
+                        type(exc).__name__)
 
     def stop(self) -> None:
         """The service stops: every remote attempt is killed and counts as interrupted; runs give their jobs back."""
         with self._lock:
             running = list(self._in_flight)
             events = [done for _f, done in self._in_flight.values()]
-        threads = [threading.Thread(target=self._stop_remote, args=(job_id,), daemon=True) for job_id in running]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=5)
+        self._stop_remote(*running, wait=min(CALL_TIMEOUT, self.config.worker.stop_timeout / 2))
         for done in events:
             done.set()
 

@@ -190,10 +190,10 @@ def _run(plugin: PostboxPlugin, run: _Running, alg: AlgorithmConfig, inputs: lis
     return {"ok": True, **manifest, "timings": timings, "node": plugin.node, "pid": os.getpid()}
 
 
-def stop_attempts(job_id: str, dask_worker: Any = None) -> int:
-    """Run on every node by the service (``Client.run``): stop ``job_id``'s attempt here, if one runs."""
+def stop_attempts(job_ids: list[str], dask_worker: Any = None) -> int:
+    """Run on every node by the service (``Client.run``): stop the attempts of ``job_ids`` here, if any run."""
     plugin = (dask_worker or get_worker()).plugins.get(PLUGIN)
-    return plugin.stop(job_id) if isinstance(plugin, PostboxPlugin) else 0
+    return sum(plugin.stop(job_id) for job_id in job_ids) if isinstance(plugin, PostboxPlugin) else 0
 
 
 def running_jobs(dask_worker: Any = None) -> list[str]:

@@ -4,6 +4,7 @@ by PID; the folders stay the truth (one attempt folder per attempt, counted from
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -371,3 +372,25 @@ def test_a_tls_cluster_runs_jobs_and_refuses_a_client_of_another_ca(tmp_path: Pa
         assert "w1" not in out.stdout
     finally:
         c.close()
+
+
+def test_a_hung_gpu_node_fails_its_job_at_the_services_own_deadline(fresh: Cluster) -> None:
+    # SIGSTOP of a node's whole process group: it neither answers nor kills its child, nor does Dask notice (its
+    # worker-ttl is minutes). The service's own deadline, job_timeout + engine.dask.grace, ends the job.
+    fresh.site.write_config(worker={"job_timeout": 2}, engine={"dask": {**fresh.site.config["engine"]["dask"],
+                                                                        "grace": 1}})
+    fresh.start("w1")
+    fresh.site.start()
+    job = fresh.submit("sleepy", {"seconds": 30}, name="hung.txt")
+    wait_for(lambda: fresh.running(job), 30, what="the attempt to start")
+    os.killpg(fresh.workers["w1"].pid, signal.SIGSTOP)
+    try:
+        manifest = fresh.finished(job, timeout=30)
+        # The operator's view does not hang on it either: the node is listed, its jobs unknown.
+        [row] = fresh.status()
+        assert row["name"] == "w1" and row["answered"] is False
+    finally:
+        os.killpg(fresh.workers["w1"].pid, signal.SIGCONT)
+    assert manifest["status"] == "failed"
+    assert manifest["error"].startswith("timed out after 2 s (worker.job_timeout, plus engine.dask.grace"), \
+        manifest["error"]
