@@ -44,6 +44,8 @@ POINTS: dict[str, str] = {
     "remote.outputs_written": "on a GPU node: the algorithm's outputs are in its attempt's work/; no manifest yet",
     "remote.before_return": "on a GPU node: the attempt's manifest (files, sizes, sha256) is made; the service has "
                             "not received it",
+    "attempt.promoted": "on the service: a remote attempt's work/ is renamed to the job's; job.yaml still says "
+                        "running (a restart runs the job again: the promoted attempt counts)",
     "preview.written": "a finished job's output/preview.png is whole (renamed into place); job.yaml does not "
                        "name it yet",
 }

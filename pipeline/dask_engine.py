@@ -26,6 +26,7 @@ from distributed.security import Security
 
 from . import attempts, jobs, remote
 from .config import AlgorithmConfig, Config
+from .crashpoints import crash_point
 from .dataobject import DataObject
 from .errors import AlgorithmFailed, DiskFull
 from .health import SCHEDULER_LOST, Health
@@ -294,6 +295,7 @@ class DaskEngine:
             except attempts.AttemptMismatch as exc:
                 raise AlgorithmFailed(job_id, str(exc)) from None
             work = attempts.promote(claim.job_dir, folder, claim.log_path)
+            crash_point("attempt.promoted")
             by_id = {d.id: d for d in inputs}
             outputs = [DataObject(type=o["type"], path=str(work / o["path"]), meta_data=o.get("meta_data") or {},
                                   id=o.get("id"), parent=by_id.get(o.get("parent"))) for o in reply["outputs"]]

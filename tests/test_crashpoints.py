@@ -48,7 +48,7 @@ SCENARIOS: dict[str, tuple[str, ...]] = {
     "purge.moved": ("purge",),
     "preview.written": ("preview",),
 }
-REMOTE = ("remote.before_child", "remote.outputs_written", "remote.before_return")
+REMOTE = ("remote.before_child", "remote.outputs_written", "remote.before_return", "attempt.promoted")
 CASES = [(point, door) for point, doors in SCENARIOS.items() for door in doors]
 
 
@@ -58,7 +58,8 @@ def test_every_crash_point_in_the_code_is_listed_and_has_a_scenario() -> None:
         used |= set(re.findall(r"""crash_point\(["']([\w.]+)["']\)""", path.read_text()))
     assert used == set(crashpoints.POINTS), "crash points in the code and in crashpoints.POINTS differ"
     assert set(SCENARIOS) | set(REMOTE) == set(crashpoints.POINTS), "every crash point needs a scenario"
-    # A GPU node's points are killed in tests/test_dask.py, on a real Dask cluster.
+    # A GPU node's points, and the service's promotion of a remote attempt, are killed in tests/test_dask.py, on
+    # a real Dask cluster.
     dask_tests = (ROOT / "tests" / "test_dask.py").read_text()
     assert all(f'"{point}"' in dask_tests for point in REMOTE)
 

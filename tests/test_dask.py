@@ -206,6 +206,26 @@ def test_sigterm_of_the_service_kills_the_remote_child_and_the_attempt_does_not_
     shutil.rmtree(cluster.site.inbox / job)  # its 20 s are not for the next tests' services
 
 
+def test_a_service_killed_after_promoting_an_attempt_runs_the_job_again_once(cluster: Cluster) -> None:
+    proc = cluster.site.start(env={**cluster.site.env, crashpoints.ENV: "attempt.promoted"})
+    job = cluster.submit("sleepy", {"seconds": 0.1}, name="promoted.txt")
+    try:
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        cluster.site.procs.remove(proc)
+    assert (cluster.site.inbox / job / "work" / "mask.txt").is_file()  # promoted, not finished
+    proc = cluster.site.start()
+    try:
+        manifest = cluster.finished(job)
+    finally:
+        cluster.site.stop(proc)
+        cluster.site.procs.remove(proc)
+    assert manifest["status"] == "done", manifest["error"]
+    first, second = sorted((cluster.site.outbox / job / "attempts").iterdir())
+    assert manifest["attempts"] == 2 and not (first / "interrupted").exists()
+    assert (cluster.site.outbox / job / "output" / "mask.txt").read_text() == f"{job} {second.name}"
+
+
 def test_a_killed_service_is_restarted_and_the_stale_attempt_finishes_only_in_its_folder(cluster: Cluster) -> None:
     proc = cluster.site.start()
     job = cluster.submit("sleepy", {"seconds": 3.0}, name="stale.txt")
