@@ -83,6 +83,12 @@ def begin(job_dir: Path, node: str, max_attempts: int) -> Path:
     return attempt
 
 
+def used_up(count: int) -> str:
+    """Why a job failed when its attempts are used up on the cluster (each attempt's node died under it)."""
+    return (f"failed after {count} attempt(s): each ended with its GPU node's worker process dying (see attempts/ "
+            "in the job folder)")
+
+
 def interrupt(attempt: Path) -> None:
     """Mark an attempt as stopped on purpose, so it does not count."""
     try:
@@ -99,7 +105,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(root: Path, paths: Iterable[Path]) -> list[Path]:
+def _files(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -126,7 +132,7 @@ def describe(attempt: Path, outputs: list[dict[str, Any]]) -> dict[str, Any]:
         described.append({**out, "path": resolved.relative_to(work).as_posix()})
         paths.append(resolved)
     files = [{"path": f.relative_to(work).as_posix(), "size": f.stat().st_size, "sha256": _sha256(f)}
-             for f in _files(work, paths)]
+             for f in _files(paths)]
     return {"attempt": attempt.name, "outputs": described, "files": files}
 
 

@@ -16,7 +16,7 @@ from distributed import Client
 
 from . import remote
 from .config import Config
-from .dask_engine import DRAINED, connect, is_drained, slots_of
+from .dask_engine import DRAINED, connect, named_by, slots_of
 from .errors import PostboxError
 
 #: Seconds the nodes have to say what they run.
@@ -55,7 +55,7 @@ def rows(config: Config, client: Client) -> list[WorkerRow]:
         found.append(WorkerRow(address=address, name=str(w.get("name")), resources=dict(w.get("resources") or {}),
                                slots=slots_of(w.get("resources") or {}, needs),
                                running=list(jobs_here) if isinstance(jobs_here, list) else [],
-                               drained=is_drained(w, drained), answered=isinstance(jobs_here, list)))
+                               drained=named_by(w, drained), answered=isinstance(jobs_here, list)))
     return found
 
 
@@ -82,7 +82,7 @@ def status(config: Config) -> list[WorkerRow]:
 
 
 def _match(config: Config, client: Client, node: str) -> list[WorkerRow]:
-    matched = [r for r in rows(config, client) if is_drained({"name": r.name, "id": r.address}, [node])]
+    matched = [r for r in rows(config, client) if named_by({"name": r.name, "id": r.address}, [node])]
     if not matched:
         raise NoSuchNode(f"no worker of the cluster is named {node!r} (by name, address or host); "
                          "`postbox cluster status` lists them")

@@ -65,11 +65,19 @@ def slots_of(resources: Mapping[str, float], needs: Mapping[str, float]) -> int:
     return min(math.floor(resources.get(name, 0) / amount) for name, amount in needs.items())
 
 
-def is_drained(worker: Mapping[str, Any], drained: list[str]) -> bool:
-    """A worker named in the drain list by its name, address or host."""
+def named_by(worker: Mapping[str, Any], names: list[str]) -> bool:
+    """Whether one of ``names`` (the drain list, a command's NODE) names the worker: its name, address or host."""
     address = str(worker.get("id") or worker.get("address") or "")
     host = address.split("://")[-1].rsplit(":", 1)[0]
-    return bool({str(worker.get("name")), address, host} & set(drained))
+    return bool({str(worker.get("name")), address, host} & set(names))
+
+
+def _exception(future: Any) -> BaseException | None:
+    """A failed future's exception, or None when it cannot be had (it went with the scheduler)."""
+    try:
+        return future.exception(timeout=CALL_TIMEOUT)
+    except Exception:
+        return None
 
 
 class DaskEngine:
@@ -134,7 +142,7 @@ class DaskEngine:
                     self._new_epoch()  # a restarted scheduler, met again before its loss was seen
                 self._scheduler_id = info.get("id")
             needs = dict(dcfg.resources)
-            workers = {a: w for a, w in info.get("workers", {}).items() if not is_drained(w, drained)}
+            workers = {a: w for a, w in info.get("workers", {}).items() if not named_by(w, drained)}
             slots = sum(slots_of(w.get("resources") or {}, needs) for w in workers.values())
             with self._lock:
                 changed = slots != self._slots
@@ -169,12 +177,13 @@ class DaskEngine:
         self.health.report(SCHEDULER_LOST, "jobs wait in the inbox; running ones keep their lock and are submitted "
                                            "again when it is back")
         self._connected.clear()
+        with self._lock:
+            self._slots = 0
         self._new_epoch()
 
     def _new_epoch(self) -> None:
         with self._lock:
             self._epoch += 1
-            self._slots = 0 if not self._connected.is_set() else self._slots
             for _future, done in self._in_flight.values():
                 done.set()  # their run() notices the loss and submits again once connected
 
@@ -255,16 +264,10 @@ class DaskEngine:
                     return dict(future.result(timeout=CALL_TIMEOUT))
                 except Exception:
                     status = "lost"  # finished, but its answer went with the scheduler: the attempt runs again
-            if status == "error":
-                try:
-                    error = future.exception(timeout=CALL_TIMEOUT)
-                except Exception:
-                    error = None
-            if status == "error" and error is not None:
-                if isinstance(error, KilledWorker):
-                    n = attempts.counted(claim.job_dir)
-                    raise AlgorithmFailed(job_id, f"failed after {n} attempt(s): each ended with its GPU node's "
-                                                  "worker process dying (see attempts/ in the job folder)")
+            error = _exception(future) if status == "error" else None
+            if isinstance(error, KilledWorker):
+                raise AlgorithmFailed(job_id, attempts.used_up(attempts.counted(claim.job_dir)))
+            if error is not None:
                 raise AlgorithmFailed(job_id, f"its attempt failed on the GPU node: {type(error).__name__}: {error}")
             # Cancelled or lost with the scheduler: keep the lock, submit again once it is back.
             log.warning("job %s: its attempt was lost with the scheduler; it is submitted again", job_id)

@@ -38,8 +38,7 @@ class _Running:
     job_id: str
     attempt: Path
     child: Child | None = None
-    stopped: bool = False
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: told to stop (the attempt is interrupted)
 
 
 class PostboxPlugin(WorkerPlugin):
@@ -80,7 +79,6 @@ class PostboxPlugin(WorkerPlugin):
         """The worker closes (its scheduler is gone, or SIGTERM): its attempts stop and do not count."""
         with self.lock:
             for run in self.running.values():
-                run.stopped = True
                 run.stop.set()
                 attempts.interrupt(run.attempt)
         self.pool.close()
@@ -91,7 +89,6 @@ class PostboxPlugin(WorkerPlugin):
             run = self.running.get(job_id)
             if run is None:
                 return 0
-            run.stopped = True
             run.stop.set()
             child = run.child
             attempts.interrupt(run.attempt)
@@ -99,13 +96,14 @@ class PostboxPlugin(WorkerPlugin):
             child.signal_kill()
         return 1
 
-    def _started(self, job_id: str, child: Child | None) -> None:
+    def started(self, job_id: str, child: Child | None) -> None:
+        """The child that runs ``job_id``'s attempt now (None once it is out), so that a stop can kill it."""
         with self.lock:
             run = self.running.get(job_id)
             if run is None:
                 return
             run.child = child
-            stopped = run.stopped
+            stopped = run.stop.is_set()
         if stopped and child is not None:
             child.signal_kill()  # told to stop while it was being handed the job
 
@@ -137,8 +135,7 @@ def run_attempt(job_dir: str, job_id: str, alg: AlgorithmConfig, inputs: list[di
         try:
             attempt = attempts.begin(folder, plugin.node, max_attempts)
         except attempts.AttemptsUsed as exc:
-            return {"ok": False, "used": exc.count, "error": f"failed after {exc.count} attempt(s): each ended "
-                    "with its GPU node's worker process dying (see attempts/ in the job folder)"}
+            return {"ok": False, "used": exc.count, "error": attempts.used_up(exc.count)}
         except attempts.StaleAttempt as exc:
             return {"ok": False, "stale": True, "error": str(exc)}
         run = _Running(job_id, attempt)
@@ -163,7 +160,7 @@ def _run(plugin: PostboxPlugin, run: _Running, alg: AlgorithmConfig, inputs: lis
     if warmed is not None:
         warmed.wait(timeout)
     crash_point("remote.before_child")
-    if run.stopped:
+    if run.stop.is_set():
         return {"ok": False, "interrupted": True, "attempt": attempt.name, "error": "interrupted"}
     try:
         if alg.command is not None:
@@ -171,9 +168,9 @@ def _run(plugin: PostboxPlugin, run: _Running, alg: AlgorithmConfig, inputs: lis
                                            log_path, timeout, stop=run.stop, inputs=data)
         else:
             outputs, timings = run_python(plugin.pool, alg, run.job_id, data, work, settings, log_path, timeout,
-                                          started=lambda child: plugin._started(run.job_id, child))
+                                          started=lambda child: plugin.started(run.job_id, child))
     except (AlgorithmFailed, DiskFull, PoolClosed, OSError) as exc:
-        if run.stopped or isinstance(exc, PoolClosed):
+        if run.stop.is_set() or isinstance(exc, PoolClosed):
             attempts.interrupt(attempt)
             return {"ok": False, "interrupted": True, "attempt": attempt.name, "error": "interrupted"}
         full = isinstance(exc, DiskFull) or is_disk_full(exc)

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import attempts, gate, jobs
 from .algorithms import merge_settings, resolve
@@ -29,6 +29,9 @@ from .postprocess import add_dicom_outputs
 from .runner import ChildPool, PoolClosed, run_command, run_python
 from .sender import RESULTS_TIMING
 from .watcher import watch
+
+if TYPE_CHECKING:
+    from .dask_engine import DaskEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class Worker:
                                max_jobs_per_child=config.worker.max_jobs_per_child)
         # On a Dask cluster (issue 12) a running job's thread only waits for its remote attempt: as many as the
         # cluster has slots, which the engine tells.
-        self._engine: Any = None
+        self._engine: DaskEngine | None = None
         if config.engine.kind == "dask":
             from .dask_engine import DaskEngine  # distributed is imported only where it is used
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from conftest import Site, read_job, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,11 +142,10 @@ class Cluster:
         path = self.site.evidence / name
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def running(self, job_id: str) -> dict[str, Any] | None:
-        """The attempt folder of a job that runs now (in the inbox), or None."""
+    def running(self, job_id: str) -> bool:
+        """Whether a job in the inbox has an attempt folder (its attempt has started)."""
         folder = self.site.inbox / job_id / "attempts"
-        return {"attempts": sorted(p.name for p in folder.iterdir())} if folder.is_dir() and any(folder.iterdir()) \
-            else None
+        return folder.is_dir() and any(folder.iterdir())
 
 
 def _listening(port: int) -> bool:
@@ -157,6 +155,3 @@ def _listening(port: int) -> bool:
     except OSError:
         return False
 
-
-def job_yaml(path: Path) -> dict[str, Any]:
-    return dict(yaml.safe_load(path.read_text()))
