@@ -6,8 +6,8 @@ submits again, so the folders, not any counter in memory, say how many attempts 
 
 - an attempt makes ``attempts/NN-<node>-<pid>/`` (NN counts up) with its own ``work/`` and ``job.log``, and
   refuses to start when ``max_attempts`` attempts that count are there already;
-- an attempt stopped on purpose (the service stopping, the node shutting down) leaves an ``interrupted``
-  file in its folder, and does not count, as an interrupted local attempt does not;
+- an attempt stopped on purpose (the service stopping, the node shutting down) or by a full disk leaves an
+  ``interrupted`` file in its folder, and does not count, as an interrupted local attempt does not;
 - a finished attempt describes its outputs (paths, sizes, sha256), and the service checks that description
   against the files before it promotes that one attempt's ``work/`` to the job's; a dead attempt's partial
   files stay in its own folder and never reach ``output/``.

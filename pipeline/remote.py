@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,10 @@ def run_attempt(job_dir: str, job_id: str, alg: AlgorithmConfig, inputs: list[di
             return {"ok": False, "used": exc.count, "error": attempts.used_up(exc.count)}
         except attempts.StaleAttempt as exc:
             return {"ok": False, "stale": True, "error": str(exc)}
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            return {"ok": False, "disk_full": True, "error": "no space for the attempt's folder"}
         run = _Running(job_id, attempt)
         with plugin.lock:
             plugin.running[job_id] = run
@@ -174,6 +179,11 @@ def _run(plugin: PostboxPlugin, run: _Running, alg: AlgorithmConfig, inputs: lis
             attempts.interrupt(attempt)
             return {"ok": False, "interrupted": True, "attempt": attempt.name, "error": "interrupted"}
         full = isinstance(exc, DiskFull) or is_disk_full(exc)
+        if full:
+            # A full disk is no fault of the job: the attempt does not count, and its partial files give back
+            # the space the service needs to give the job back.
+            shutil.rmtree(work, ignore_errors=True)
+            attempts.interrupt(attempt)
         reason = exc.reason if isinstance(exc, AlgorithmFailed) else str(exc)
         return {"ok": False, "disk_full": full, "attempt": attempt.name, "error": reason}
     crash_point("remote.outputs_written")

@@ -17,6 +17,7 @@ import pytest
 import requests
 import SimpleITK as sitk
 from _dask import ROOT, Cluster
+from _disk import Disk, tmpfs
 from conftest import read_job, wait_for
 
 from pipeline import crashpoints, phantom
@@ -414,3 +415,38 @@ def test_a_hung_gpu_node_fails_its_job_at_the_services_own_deadline(fresh: Clust
     assert manifest["status"] == "failed"
     assert manifest["error"].startswith("timed out after 2 s (worker.job_timeout, plus engine.dask.grace"), \
         manifest["error"]
+
+
+def test_a_full_disk_met_on_a_gpu_node_gives_the_job_back_uncounted(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk") as disk:
+        c = _cluster_on(disk, tmp_path / "site")
+        try:
+            c.start("w1")
+            proc = c.site.start()
+            port = c.site.doors(proc)["http"]["port"]
+            disk.fill(keep=2 << 20)
+            job = c.submit("fill", {"mb": 8}, name="big.txt")
+            wait_for(lambda: any(p.startswith("disk full") for p in requests.get(
+                f"http://127.0.0.1:{port}/api/health", timeout=5).json()["problems"]), 30, what="disk full")
+            manifest = wait_for(lambda: (lambda m: m if m["status"] == "pending" else None)(
+                read_job(c.site.inbox / job)), 30, what="the job given back")
+            assert manifest["attempts"] == 0
+            assert all((p / "interrupted").exists() for p in (c.site.inbox / job / "attempts").iterdir())
+            disk.empty()
+            manifest = c.finished(job)
+            assert manifest["status"] == "done" and manifest["attempts"] == 1, manifest
+            assert (c.site.outbox / job / "output" / "ballast.bin").stat().st_size == 8 << 20
+        finally:
+            c.close()
+
+
+def _cluster_on(disk: Disk, root: Path) -> Cluster:
+    """A cluster whose job folders and index are on ``disk`` (the service's log and evidence are not)."""
+    root.mkdir()
+    c = Cluster(root, algorithms=[{"name": "fill", "function": "testalgos:fill", "default_settings": {"mb": 1}}])
+    c.site.inbox, c.site.outbox = disk.root / "inbox", disk.root / "outbox"
+    c.site.inbox.mkdir()
+    c.site.outbox.mkdir()
+    c.site.write_config(inbox=str(c.site.inbox), outbox=str(c.site.outbox), database=str(disk.root / "db.json"),
+                        worker={"disk_full_backoff_max": 0.5, "stop_timeout": 5})
+    return c

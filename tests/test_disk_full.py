@@ -7,11 +7,9 @@ tmp_path, so the service can still say what it does while its disk is full. A fi
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -20,60 +18,21 @@ from typing import Any
 
 import pydicom
 import pytest
+from _disk import MB, Disk, tmpfs
 from conftest import Site, outbox_jobs, read_job, wait_for
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from pipeline import phantom
 
-MB = 1 << 20
 OUT_OF_RESOURCES = 0xA700
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-class Disk:
-    """A small tmpfs mounted for one test, and a filler file that takes its space."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.filler = root / "filler"
-
-    def free(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
-    def fill(self, keep: int = 0) -> None:
-        """Write zeros until ENOSPC, then give back ``keep`` bytes (to the page) by truncating."""
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            chunk = bytes(MB)
-            while True:
-                try:
-                    os.write(fd, chunk)  # a short write near the end; the next one meets ENOSPC
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-            if keep:
-                os.ftruncate(fd, max(0, os.fstat(fd).st_size - keep))
-        finally:
-            os.close(fd)
-        assert self.free() < keep + MB, f"the disk is not full: {self.free()} bytes free"
-
-    def empty(self) -> None:
-        self.filler.unlink()
-
-
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Disk]:
-    root = tmp_path / "disk"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(root)], check=True)
-    try:
-        yield Disk(root)
-    finally:
-        if subprocess.run(["umount", str(root)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(root)], check=True)
+    with tmpfs(tmp_path / "disk") as mounted:
+        yield mounted
 
 
 @pytest.fixture
