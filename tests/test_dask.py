@@ -12,11 +12,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
 from _dask import ROOT, Cluster
+from _dicomtools import dice
 from _disk import Disk, tmpfs
 from conftest import read_job, wait_for
 
@@ -59,10 +59,6 @@ def fresh(tmp_path: Path) -> Iterator[Cluster]:
         yield c
     finally:
         c.close()
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
 def test_the_phantom_runs_on_a_gpu_node_with_the_same_dice_as_local(cluster: Cluster, service: object,
